@@ -1,0 +1,183 @@
+"""Read LLaVA-Instruct conversations (JSON list or JSONL) into validated records.
+
+Every record that cannot be used is reported with its file, record id and reason, and
+skipped; nothing is keyed by id, so records that share an id (LLaVA-Instruct has many)
+are all kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Turn:
+    role: str  # user | assistant | system
+    content: str
+
+
+@dataclass
+class Record:
+    id: str
+    turns: list[Turn]
+    image: str | None = None
+    source: str = ""
+    index: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} record {self.index} (id {self.id})"
+
+
+@dataclass
+class Problem:
+    file: str
+    record: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: record {self.record}: {self.reason}"
+
+
+@dataclass
+class Report:
+    """What happened to every record read: how many were kept, and why the others were not."""
+
+    n_read: int = 0
+    n_kept: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def skip(self, file: str, record: str, reason: str) -> None:
+        self.problems.append(Problem(file, record, reason))
+
+    def reasons(self) -> Counter:
+        return Counter(p.reason.split(":")[0] for p in self.problems)
+
+    def merge(self, other: "Report") -> None:
+        self.n_read += other.n_read
+        self.n_kept += other.n_kept
+        self.problems.extend(other.problems)
+
+    def summary(self, show: int = 20) -> str:
+        lines = [f"{self.n_read} records read, {self.n_kept} kept, {len(self.problems)} skipped"]
+        for reason, count in self.reasons().most_common():
+            lines.append(f"  {count:6d}  {reason}")
+        for problem in self.problems[:show]:
+            lines.append(f"  - {problem}")
+        if len(self.problems) > show:
+            lines.append(f"  ... and {len(self.problems) - show} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_read": self.n_read,
+            "n_kept": self.n_kept,
+            "n_skipped": len(self.problems),
+            "reasons": dict(self.reasons()),
+            "problems": [vars(p) for p in self.problems],
+        }
+
+
+class BadRecord(ValueError):
+    """Raised while parsing one record; the message is the reason reported for it."""
+
+
+def _iter_raw(path: Path, report: Report):
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno - 1, json.loads(line)
+            except json.JSONDecodeError as err:
+                report.n_read += 1
+                report.skip(str(path), f"line {lineno}", f"malformed JSON: {err.msg}")
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def parse_record(raw: Any, source: str, index: int) -> Record:
+    """Validate one raw LLaVA record and normalise roles; raise :class:`BadRecord` with the reason."""
+    if not isinstance(raw, dict):
+        raise BadRecord(f"not an object: {type(raw).__name__}")
+    rid = str(raw.get("id", f"#{index}"))
+    convs = raw.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise BadRecord("empty conversation: 'conversations' missing or empty")
+    image = raw.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise BadRecord(f"bad field: 'image' must be a non-empty string, got {image!r}")
+    turns: list[Turn] = []
+    for t, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"malformed turn: turn {t} is not an object")
+        who, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if who not in ROLES:
+            raise BadRecord(f"unknown role: turn {t} has role {who!r}")
+        if not isinstance(value, str):
+            raise BadRecord(f"non-string value: turn {t} value is {type(value).__name__}")
+        turns.append(Turn(ROLES[who], value))
+    if turns[0].role == "system":
+        system, body = turns[:1], turns[1:]
+    else:
+        system, body = [], turns
+    for t, turn in enumerate(body):
+        expected = "user" if t % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise BadRecord(f"malformed conversation: turn {t + len(system)} is {turn.role}, expected {expected}")
+    if len(body) < 2:
+        raise BadRecord("no answer: conversation has no assistant turn")
+    if len(body) % 2:
+        body = body[:-1]  # a trailing question without answer teaches nothing
+    for t, turn in enumerate(body):
+        if turn.role == "assistant" and not turn.content.strip():
+            raise BadRecord(f"no answer: assistant turn {t + len(system)} is empty")
+    n_placeholders = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in body)
+    if image is None and n_placeholders:
+        raise BadRecord("placeholder without image: '<image>' in text but no 'image' field")
+    if image is not None:
+        if n_placeholders > 1:
+            raise BadRecord(f"bad placeholder: {n_placeholders} '<image>' placeholders for one image")
+        if n_placeholders == 1 and IMAGE_PLACEHOLDER not in body[0].content:
+            raise BadRecord("bad placeholder: '<image>' must be in the first human turn")
+        if n_placeholders == 0:
+            body[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{body[0].content}")
+    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
+    return Record(id=rid, turns=system + body, image=image, source=source, index=index, extra=extra)
+
+
+def read_records(path: str | Path, limit: int = 0) -> tuple[list[Record], Report]:
+    """Read a LLaVA JSON/JSONL file; bad records are skipped and listed in the report."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    report = Report()
+    records: list[Record] = []
+    for index, raw in _iter_raw(path, report):
+        if limit and len(records) >= limit:
+            break
+        report.n_read += 1
+        try:
+            record = parse_record(raw, str(path), index)
+        except BadRecord as err:
+            rid = raw.get("id", f"#{index}") if isinstance(raw, dict) else f"#{index}"
+            report.skip(str(path), str(rid), str(err))
+            continue
+        records.append(record)
+        report.n_kept += 1
+    return records, report
