@@ -111,10 +111,9 @@ def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB") -> Pat
     return path
 
 
-@pytest.fixture()
-def toy_data(tmp_path) -> tuple[Path, Path]:
+def make_toy_data(root: Path) -> tuple[Path, Path]:
     """A small LLaVA JSON with images: multi-turn, text-only, shared ids, placeholder at the end."""
-    images = tmp_path / "images"
+    images = root / "images"
     images.mkdir()
     records = []
     for i in range(12):
@@ -133,6 +132,35 @@ def toy_data(tmp_path) -> tuple[Path, Path]:
             }
         )
     records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]})
-    path = tmp_path / "train.json"
+    path = root / "train.json"
     path.write_text(json.dumps(records))
     return path, images
+
+
+@pytest.fixture()
+def toy_data(tmp_path) -> tuple[Path, Path]:
+    return make_toy_data(tmp_path)
+
+
+def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **train):
+    from vlmtune.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+
+    settings = dict(output_dir=str(out), max_steps=4, batch_size=2, grad_accum=1, logging_steps=1, save_steps=2)
+    settings.update(train)
+    return RunConfig(
+        model=ModelConfig(lm=str(lm), vision=str(clip)),
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        data=DataConfig(train=str(data[0]), images=str(data[1]), max_length=128),
+        train=TrainConfig(**settings),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama_dir, tiny_clip_dir) -> Path:
+    """A finished stage-2 run of a few steps on the toy data."""
+    from vlmtune.train.run import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = tiny_config(tiny_llama_dir, tiny_clip_dir, make_toy_data(root), root / "run",
+                      learning_rate=5e-2, projector_learning_rate=5e-2)
+    return train(cfg)

@@ -3,9 +3,10 @@
 The conversation is rendered with the LM's own chat template. Which characters belong to
 an assistant answer is read off the template itself: the text added by the generation
 prompt ends where the answer starts, and the answer ends where rendering the conversation
-with and without a following user turn stops agreeing (that is the end-of-turn marker).
-Token labels come from the tokenizer's character offsets, so no marker token is searched
-for, and BOS/EOS handling can not disagree with the tokenizer.
+with and without a following user turn stops agreeing, token by token (that is the
+end-of-turn marker). Prompt and answer segments are then tokenized separately, so no
+marker token is searched for, BOS/EOS handling cannot disagree with the tokenizer, and the
+tokens before an answer are exactly those of an inference prompt.
 """
 
 from __future__ import annotations
@@ -46,17 +47,27 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], g
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def _shared_end(tokenizer: PreTrainedTokenizerBase, a: str, b: str, start: int) -> int:
+    """Character offset where ``a`` and ``b`` stop sharing whole tokens, looking from ``start``.
+
+    Compared token by token, so two different special tokens that happen to share their
+    first characters (``<|user|>`` and ``<|endoftext|>``) are told apart.
+    """
+    ta = tokenizer(a[start:], add_special_tokens=False, return_offsets_mapping=True)
+    tb = tokenizer(b[start:], add_special_tokens=False)["input_ids"]
+    shared = 0
+    for x, y in zip(ta["input_ids"], tb):
+        if x != y:
+            break
+        shared += 1
+    return start + (ta["offset_mapping"][shared - 1][1] if shared else 0)
 
 
-def answer_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def answer_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every answer plus its end-of-turn marker."""
-    full = render(tokenizer, messages, generation_prompt=False)
+    full = render(tokenizer, messages, generation_prompt=generation_prompt)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -66,14 +77,42 @@ def answer_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, st
             raise TemplateError("chat template renders earlier turns differently once later turns follow")
         upto = render(tokenizer, messages[: i + 1], generation_prompt=False)
         probe = render(tokenizer, messages[: i + 1] + [{"role": "user", "content": _PROBE}], generation_prompt=False)
-        end = _common_prefix(upto, probe)
         answer_at = upto.find(message["content"], len(prefix))
-        if answer_at < 0 or not full.startswith(upto[:end]):
+        if answer_at < 0:
+            raise TemplateError(f"chat template does not reproduce assistant turn {i} verbatim")
+        end = _shared_end(tokenizer, upto, probe, answer_at)
+        if not full.startswith(upto[:end]):
             raise TemplateError(f"chat template does not reproduce assistant turn {i} verbatim")
         while end > answer_at + len(message["content"]) and upto[end - 1].isspace():
             end -= 1
         spans.append((len(prefix), end))
     return full, spans
+
+
+def _tokenize_segments(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[int], list[int]]:
+    """Tokenize prompt and answer segments separately: ids, labels, and the token index where each answer ends.
+
+    Tokenizing the text before an answer on its own gives exactly the tokens an inference
+    prompt ends with (``"\n\n"`` stays one token instead of merging with the answer's first
+    characters), so training and generation see the same boundary.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    ends: list[int] = []
+    at = 0
+    for start, stop in [*spans, (len(text), len(text))]:
+        for piece, supervised in ((text[at:start], False), (text[start:stop], True)):
+            if not piece:
+                continue
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids.extend(piece_ids)
+            labels.extend(piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids))
+        if stop > start:
+            ends.append(len(ids))
+        at = stop
+    return ids, labels, ends
 
 
 def encode_conversation(
@@ -95,30 +134,15 @@ def encode_conversation(
     text, spans = answer_spans(tokenizer, messages)
     if not spans:
         raise TemplateError("no answer: conversation has no assistant turn")
-    expanded, spans = _expand_image(text, spans, image_token, n_image_tokens)
-    enc = tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE_INDEX] * len(ids)
-    turn_ends = []
-    span_idx = 0
-    for t, (start, _stop) in enumerate(offsets):
-        while span_idx < len(spans) and start >= spans[span_idx][1]:
-            turn_ends.append(t)
-            span_idx += 1
-        if span_idx < len(spans) and start >= spans[span_idx][0]:
-            labels[t] = ids[t]
-    while span_idx < len(spans):
-        turn_ends.append(len(ids))
-        span_idx += 1
+    text, spans = _expand_image(text, spans, image_token, n_image_tokens)
+    ids, labels, turn_ends = _tokenize_segments(tokenizer, text, spans)
+    n_turns = len(turn_ends)
     if len(ids) > max_length:
         fitting = [end for end in turn_ends if end <= max_length]
         if not fitting:
             raise TemplateError(f"too long: first answer ends at token {turn_ends[0]}, max_length is {max_length}")
-        cut = fitting[-1]
-        ids, labels = ids[:cut], labels[:cut]
+        ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]
         n_turns = len(fitting)
-    else:
-        n_turns = len(spans)
     encoded = Encoded(input_ids=ids, labels=labels, n_turns_kept=n_turns)
     if encoded.n_supervised == 0:
         raise TemplateError("no supervised tokens: answers vanished in tokenization")
@@ -146,7 +170,8 @@ def encode_prompt(
     image_token: str,
     n_image_tokens: int,
 ) -> list[int]:
-    """Token ids of a conversation ending in the generation prompt, as in training."""
-    text = render(tokenizer, messages, generation_prompt=True)
-    text, _ = _expand_image(text, [], image_token, n_image_tokens)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of a conversation ending in the generation prompt, segmented exactly as in training."""
+    messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    text, spans = answer_spans(tokenizer, messages, generation_prompt=True)
+    text, spans = _expand_image(text, spans, image_token, n_image_tokens)
+    return _tokenize_segments(tokenizer, text, spans)[0]

@@ -197,8 +197,11 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None = None, device: torch.
     model.generation_config = lm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:
-        model.is_loaded_in_4bit = True
+        # The shell inherits the LM's quantizer so Trainer and PEFT treat it as the QLoRA model it is.
+        model.hf_quantizer = lm.hf_quantizer
         model.is_quantized = True
+        model.is_loaded_in_4bit = True
+        model.config.quantization_config = lm.config.quantization_config
     model.config.use_cache = True
     model.requires_grad_(False)
     return Built(model=model, tokenizer=tokenizer, image_processor=image_processor, n_image_tokens=n_image_tokens)
