@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,27 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or has a wrong value."""
 
 
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a scalar against its field type; YAML reads ``1e-3`` as a string, so numbers are parsed."""
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is str and isinstance(value, str):
+        return value
+    elif hint not in (float, int, bool, str):
+        return value
+    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -113,6 +133,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key}: expected a mapping, got {value!r}")
             value = _build(sub, value, f"{where}.{key}")
+        else:
+            value = _coerce(value, hints[key], f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
 

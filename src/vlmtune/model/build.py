@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
@@ -26,6 +27,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from vlmtune.config import LoraConfig, ModelConfig
 from vlmtune.model import offline
+from vlmtune.model.pooled import use_pooled_features
 
 IMAGE_TOKEN = "<image>"
 
@@ -128,6 +130,16 @@ def count_image_tokens(tower: torch.nn.Module, image_processor, layer: int | lis
     return n - 1 if strategy == "default" else n
 
 
+def _negative_layers(layer: int | list[int], n_layers: int) -> int | list[int]:
+    """Count layers from the end: Llava asks the tower for hidden states only when the index is truthy,
+    so layer 0 (the embeddings) must be spelled ``-(n_layers + 1)``."""
+    if isinstance(layer, int):
+        if not -(n_layers + 1) <= layer <= n_layers:
+            raise ValueError(f"model.vision_feature_layer {layer}: the tower has {n_layers} layers")
+        return layer - (n_layers + 1) if layer >= 0 else layer
+    return [_negative_layers(one, n_layers) for one in layer]
+
+
 def init_projector(projector: torch.nn.Module, std: float, seed: int = 0) -> None:
     """Normal(0, std) weights and zero biases, from a fixed seed.
 
@@ -144,10 +156,8 @@ def init_projector(projector: torch.nn.Module, std: float, seed: int = 0) -> Non
 
 def build_model(cfg: ModelConfig, lora: LoraConfig | None = None, device: torch.device | None = None) -> Built:
     """Load the tower and the LM by name or path and put them in one Llava model."""
-    if cfg.image_features != "patches":
-        raise ValueError(
-            f"model.image_features: '{cfg.image_features}' — only 'patches' builds a standard Llava model"
-        )
+    if cfg.image_features not in ("patches", "pooled"):
+        raise ValueError(f"model.image_features: '{cfg.image_features}' is not 'patches' or 'pooled'")
     if cfg.vision_feature_select_strategy not in ("default", "full"):
         raise ValueError("model.vision_feature_select_strategy must be 'default' (drop CLS) or 'full'")
     lora = lora or LoraConfig(enabled=False)
@@ -158,6 +168,10 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None = None, device: torch.
 
     tokenizer = load_tokenizer(lm_path)
     vision_cls, _ = _vision_classes(vision_path)
+    if cfg.image_features == "pooled":
+        if vision_cls is not CLIPVisionModel:
+            raise ValueError("model.image_features: pooled needs a CLIP tower (it uses CLIP's projected embedding)")
+        vision_cls = CLIPVisionModelWithProjection
     tower = vision_cls.from_pretrained(vision_path, dtype=dtype).to(device)
     if vision_cls is SiglipVisionModel and cfg.vision_feature_select_strategy == "default":
         raise ValueError("SigLIP towers have no CLS token: set model.vision_feature_select_strategy: full")
@@ -173,16 +187,18 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None = None, device: torch.
         lm = lm.to(device)
     _fit_embeddings(lm, len(tokenizer))
 
-    n_image_tokens = count_image_tokens(
-        tower, image_processor, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
-    )
+    layer = _negative_layers(cfg.vision_feature_layer, tower.config.num_hidden_layers)
+    if cfg.image_features == "pooled":
+        n_image_tokens = 1
+    else:
+        n_image_tokens = count_image_tokens(tower, image_processor, layer, cfg.vision_feature_select_strategy)
     config = LlavaConfig(
         vision_config=tower.config,
         text_config=lm.config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=n_image_tokens,
         projector_hidden_act="gelu",
-        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_layer=layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
     )
@@ -191,9 +207,10 @@ def build_model(cfg: ModelConfig, lora: LoraConfig | None = None, device: torch.
     model.model.vision_tower = tower
     model.model.language_model = lm.model
     model.lm_head = lm.lm_head
-    projector = LlavaMultiModalProjector(config)
-    init_projector(projector, cfg.projector_init_std)
-    model.model.multi_modal_projector = projector.to(device=device, dtype=dtype)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(device=device, dtype=dtype)
+    if cfg.image_features == "pooled":
+        use_pooled_features(model, tower)
+    init_projector(model.model.multi_modal_projector, cfg.projector_init_std)
     model.generation_config = lm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:

@@ -51,25 +51,29 @@ def _load_strict(module: torch.nn.Module, path: Path, what: str) -> None:
         raise ValueError(f"{path}: {what} weights do not match the model: {err}") from err
 
 
-def load_trainable(model: torch.nn.Module, from_dir: str | Path) -> None:
-    """Load projector (+ tower, + adapter weights into an already attached adapter), strictly."""
+def load_trainable(model: torch.nn.Module, from_dir: str | Path, adapter: bool = True) -> None:
+    """Load projector (+ tower, + adapter weights into an already attached adapter), strictly.
+
+    ``adapter=False`` takes only projector and tower, as when a stage-2 run starts from a
+    stage-1 run that had no adapter yet.
+    """
     src = Path(from_dir)
     llava = llava_of(model)
     _load_strict(llava.model.multi_modal_projector, src / PROJECTOR_FILE, "projector")
     if (src / TOWER_FILE).is_file():
         _load_strict(llava.model.vision_tower, src / TOWER_FILE, "vision tower")
-    if isinstance(model, PeftModel):
-        adapter = src / ADAPTER_DIR
-        if not adapter.is_dir():
-            raise FileNotFoundError(f"LoRA adapter missing: {adapter}")
-        weights = load_peft_weights(str(adapter), device=str(next(model.parameters()).device))
+    if isinstance(model, PeftModel) and adapter:
+        folder = src / ADAPTER_DIR
+        if not folder.is_dir():
+            raise FileNotFoundError(f"LoRA adapter missing: {folder}")
+        weights = load_peft_weights(str(folder), device=str(next(model.parameters()).device))
         expected = set(get_peft_model_state_dict(model).keys())
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
             raise ValueError(
-                f"{adapter}: adapter does not match the model "
+                f"{folder}: adapter does not match the model "
                 f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
             )
         set_peft_model_state_dict(model, weights)
-    elif (src / ADAPTER_DIR).is_dir():
+    elif not isinstance(model, PeftModel) and (src / ADAPTER_DIR).is_dir():
         raise ValueError(f"{src / ADAPTER_DIR}: checkpoint has a LoRA adapter but the model has none")

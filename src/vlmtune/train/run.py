@@ -84,13 +84,15 @@ def prepare_model(cfg: RunConfig, device: torch.device | None = None) -> tuple[B
         else:
             model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
     if previous is not None:
-        load_trainable(model, previous)
+        if not (previous / "projector.safetensors").is_file():
+            raise FileNotFoundError(f"train.continue_from: {previous} is not a finished run (no projector)")
+        load_trainable(model, previous, adapter=(previous / ADAPTER_DIR).is_dir())
     llava = built.model
     llava.model.multi_modal_projector.requires_grad_(True)
     if cfg.train.train_vision_tower:
         llava.model.vision_tower.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
-        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         llava.enable_input_require_grads()
     return built, model
 

@@ -1,0 +1,155 @@
+"""Every kind of bad record is reported with file, id and reason, skipped, and counted."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from vlmtune.data.check import check_dataset
+from vlmtune.data.images import ImageResolver, open_image
+from vlmtune.data.records import read_records
+
+
+def conv(q="<image>\nWhat?", a="A thing."):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+@pytest.fixture()
+def bad_data(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "ok.png", 0)
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    full = images / "full.jpg"
+    write_image(full, 1, size=64)
+    (images / "truncated.jpg").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (tmp_path / "secret.png").write_bytes((images / "ok.png").read_bytes())
+    records = [
+        {"id": "good", "image": "ok.png", "conversations": conv()},
+        {"id": "good", "image": "ok.png", "conversations": conv(a="Same id, kept too.")},
+        {"id": "text-only", "conversations": conv(q="Hello?")},
+        {"id": "missing", "image": "nope.png", "conversations": conv()},
+        {"id": "corrupt", "image": "corrupt.jpg", "conversations": conv()},
+        {"id": "truncated", "image": "truncated.jpg", "conversations": conv()},
+        {"id": "escape", "image": "../secret.png", "conversations": conv()},
+        {"id": "absolute", "image": str(tmp_path / "secret.png"), "conversations": conv()},
+        {"id": "empty", "image": "ok.png", "conversations": []},
+        {"id": "no-answer", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]},
+        {"id": "blank-answer", "image": "ok.png", "conversations": conv(a="   ")},
+        {"id": "null", "image": "ok.png", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "x"}]},
+        {"id": "number", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": 3}]},
+        {"id": "role", "image": "ok.png", "conversations": [{"from": "robot", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+        {"id": "order", "image": "ok.png", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "<image>"}]},
+        {"id": "two-placeholders", "image": "ok.png", "conversations": conv(q="<image><image> Q")},
+        {"id": "placeholder-no-image", "conversations": conv()},
+        "not an object",
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return path, images
+
+
+EXPECTED = {
+    "missing": "missing image",
+    "corrupt": "unreadable image",
+    "truncated": "unreadable image",
+    "escape": "escapes the images folder",
+    "absolute": "escapes the images folder",
+    "empty": "empty conversation",
+    "no-answer": "no answer",
+    "blank-answer": "no answer",
+    "null": "non-string value",
+    "number": "non-string value",
+    "role": "unknown role",
+    "order": "malformed conversation",
+    "two-placeholders": "bad placeholder",
+    "placeholder-no-image": "placeholder without image",
+    "#17": "not an object",
+}
+
+
+def test_check_reports_every_bad_record(bad_data):
+    path, images = bad_data
+    report = check_dataset(path, images)
+    assert report.n_read == 18
+    assert report.n_kept == 3  # both "good" records (shared id) and the text-only one
+    by_id = {p.record: p for p in report.problems}
+    assert set(by_id) == set(EXPECTED)
+    for rid, reason in EXPECTED.items():
+        assert reason in by_id[rid].reason, (rid, by_id[rid].reason)
+        assert by_id[rid].file == str(path)
+    assert f"18 records read, 3 kept, {len(EXPECTED)} skipped" in report.summary()
+
+
+def test_data_check_cli_prints_report(bad_data):
+    path, images = bad_data
+    out = subprocess.run(
+        [sys.executable, "-m", "vlmtune.cli", "data", "check", str(path), "--images", str(images)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "18 records read, 3 kept" in out
+    assert "record truncated: unreadable image" in out
+    assert "record escape: image path escapes the images folder" in out
+
+
+def test_jsonl_malformed_line_is_counted(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps({"id": "a", "conversations": conv(q="Hi")})
+    path.write_text(f"{good}\n{{broken\n{good}\n")
+    records, report = read_records(path)
+    assert len(records) == 2 and report.n_read == 3
+    assert report.problems[0].record == "line 2" and "malformed JSON" in report.problems[0].reason
+
+
+def test_placeholder_at_end_and_missing_placeholder(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([
+        {"id": "end", "image": "x.png", "conversations": conv(q="What is it?\n<image>")},
+        {"id": "none", "image": "x.png", "conversations": conv(q="What is it?")},
+    ]))
+    records, report = read_records(path)
+    assert not report.problems
+    assert records[0].turns[0].content == "What is it?\n<image>"
+    assert records[1].turns[0].content.startswith("<image>")
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "RGBA", "P", "LA", "I;16", "1"])
+def test_unusual_modes_load_as_rgb(tmp_path, mode):
+    path = tmp_path / f"img.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
+    if mode == "I;16":
+        Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(path)
+    else:
+        write_image(path, 3, size=32, mode=mode)
+    image = open_image(path)
+    assert image.mode == "RGB" and image.size == (32, 32)
+    if mode == "I;16":
+        assert np.asarray(image).max() > 200  # scaled from 16 bit, not clipped to black/white
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    path = tmp_path / "t.png"
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(path)
+    assert open_image(path).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    import vlmtune.data.images as images
+
+    path = write_image(tmp_path / "big.png", 0, size=100)
+    monkeypatch.setattr(images, "MAX_PIXELS", 5000)
+    with pytest.raises(images.ImageError, match="too large"):
+        images.open_image(path)
+
+
+@pytest.mark.parametrize("on_disk", ["000000033471.jpg", "COCO_train2014_000000033471.jpg", "train2017/000000033471.jpg"])
+def test_coco_names_resolve_both_ways(tmp_path, on_disk):
+    target = tmp_path / on_disk
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_image(target, 0)
+    resolver = ImageResolver(tmp_path)
+    assert resolver.resolve("000000033471.jpg") == target.resolve()
+    assert resolver.resolve("COCO_train2014_000000033471.jpg") == target.resolve()
