@@ -52,7 +52,7 @@ def main() -> None:
 
     chat = VisionChat.from_run(args.run)
     image = Image.new("RGB", (64, 64), (220, 40, 40))
-    inputs = chat._inputs([[{"role": "user", "content": "Describe the image in detail."}]], [image])
+    inputs = chat.model_inputs([[{"role": "user", "content": "Describe the image in detail."}]], [image])
     model = chat.model
     n = args.new_tokens
     cached_generate(model, inputs, 2)  # warm-up

@@ -53,7 +53,7 @@ def _image():
 def test_save_load_gives_identical_logits(tiny_run):
     chat_a = VisionChat.from_run(tiny_run)
     chat_b = VisionChat.from_run(tiny_run)
-    inputs = chat_a._inputs([[{"role": "user", "content": "Is it bright?"}]], [_image()])
+    inputs = chat_a.model_inputs([[{"role": "user", "content": "Is it bright?"}]], [_image()])
     with torch.no_grad():
         la = chat_a.model(**inputs).logits
         lb = chat_b.model(**inputs).logits
@@ -94,7 +94,7 @@ def test_missing_adapter_is_an_error(tiny_run, tmp_path):
 
 def test_generate_with_cache_equals_without(tiny_run):
     chat = VisionChat.from_run(tiny_run)
-    inputs = chat._inputs([[{"role": "user", "content": "Is it bright?"}]], [_image()])
+    inputs = chat.model_inputs([[{"role": "user", "content": "Is it bright?"}]], [_image()])
     settings = GenerationSettings(max_new_tokens=12).kwargs()
     with torch.no_grad():
         cached = chat.model.generate(**inputs, **settings, use_cache=True, pad_token_id=0)
@@ -153,7 +153,7 @@ def test_pooled_single_token_variant_trains_and_reloads(tmp_path, tiny_llama_dir
     assert built.model.model.multi_modal_projector.linear_1.in_features == 24
     run = train(cfg)
     chat_a, chat_b = VisionChat.from_run(run), VisionChat.from_run(run)
-    inputs = chat_a._inputs([[{"role": "user", "content": "Is it bright?"}]], [_image()])
+    inputs = chat_a.model_inputs([[{"role": "user", "content": "Is it bright?"}]], [_image()])
     assert (inputs["input_ids"] == built.image_token_id).sum() == 1
     with torch.no_grad():
         assert torch.equal(chat_a.model(**inputs).logits, chat_b.model(**inputs).logits)

@@ -91,7 +91,7 @@ class VisionChat:
             self.tokenizer, messages, image_token=IMAGE_TOKEN, n_image_tokens=self.n_image_tokens if with_image else 0
         )
 
-    def _inputs(self, conversations: list[list[dict[str, str]]], images: list[Image.Image | None]) -> dict:
+    def model_inputs(self, conversations: list[list[dict[str, str]]], images: list[Image.Image | None]) -> dict:
         """Left-padded batch; all items must agree on having an image or not."""
         with_image = images[0] is not None
         rows = [self.prompt_ids(m, with_image) for m in conversations]
@@ -127,7 +127,7 @@ class VisionChat:
         settings: GenerationSettings | None = None,
     ) -> list[str]:
         settings = settings or GenerationSettings()
-        inputs = self._inputs(conversations, images)
+        inputs = self.model_inputs(conversations, images)
         out = self._generate(inputs, settings)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -140,7 +140,7 @@ class VisionChat:
                settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are generated (generation runs in a worker thread)."""
         settings = settings or GenerationSettings()
-        inputs = self._inputs([messages], [image])
+        inputs = self.model_inputs([messages], [image])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
