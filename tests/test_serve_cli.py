@@ -1,0 +1,52 @@
+"""`vlmtune serve` options (parsing only; the server itself is tested in test_serve_api)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlmtune.serve.cli import add_subparser, config_from_args, run
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vlmtune")
+    add_subparser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_defaults_bind_loopback_only():
+    args = parse("runs/demo")
+    config = config_from_args(args)
+    assert args.func is run
+    assert (config.host, config.port, config.concurrency, config.ui) == ("127.0.0.1", 7860, 1, True)
+    assert config.whisper_model == "bundled" and config.language == "en"
+    assert config.limits.max_upload_bytes == 20 * 1024 * 1024
+
+
+def test_options():
+    args = parse(
+        "r",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "--concurrency",
+        "3",
+        "--whisper-model",
+        "none",
+        "--max-upload-mb",
+        "1.5",
+        "--language",
+        "de",
+        "--no-ui",
+        "--max-queue",
+        "5",
+    )
+    config = config_from_args(args)
+    assert (config.host, config.port, config.concurrency, config.max_queue) == ("0.0.0.0", 9000, 3, 5)
+    assert config.whisper_model is None and config.language == "de" and not config.ui
+    assert config.limits.max_upload_bytes == int(1.5 * 1024 * 1024)
+
+
+def test_not_a_run_directory_is_a_clear_error(tmp_path, capsys):
+    assert run(parse(str(tmp_path))) == 2
+    assert "not a vlmtune run directory" in capsys.readouterr().err
