@@ -2,13 +2,18 @@
 VENV := .venv
 STAMP := $(VENV)/.vlmtune-setup
 
-.PHONY: demo test setup bench
+.PHONY: demo test test-vllm setup bench
 
 demo: $(STAMP)
 	$(VENV)/bin/vlmtune demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not vllm"
+
+# vLLM serving an exported run (own venv, minutes to start): see README.
+test-vllm: $(STAMP)
+	bash scripts/vllm_setup.sh
+	$(VENV)/bin/python -m pytest -q -m vllm
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/generate.py

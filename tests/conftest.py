@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import save_tiny_lm, make_toy_data, tiny_config, tokenizer_with_template
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
-
-TEMPLATES = Path(__file__).parent / "templates"
 
 
 @pytest.fixture(scope="session")
@@ -35,58 +31,16 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def tokenizer_with_template(base: Path, kind: str):
-    """The SmolLM2 tokenizer wearing another family's chat template and special tokens."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    if kind == "chatml":
-        return tok
-    spec = json.loads((TEMPLATES / f"{kind}.json").read_text())
-    tok.add_special_tokens({"additional_special_tokens": spec["special_tokens"]})
-    tok.chat_template = spec["chat_template"]
-    for attr in ("bos_token", "eos_token"):
-        if attr in spec:
-            setattr(tok, attr, spec[attr])
-    return tok
-
-
-def _save_lm(out: Path, kind: str, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
-
-    torch.manual_seed(0)
-    vocab = len(tokenizer)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if kind == "phi3":
-        model = Phi3ForCausalLM(Phi3Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     tok = tokenizer_with_template(smol_tokenizer_dir, "chatml")
-    return _save_lm(tmp_path_factory.mktemp("tiny-llama"), "llama", tok)
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), "llama", tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_phi3_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     tok = tokenizer_with_template(smol_tokenizer_dir, "phi3")
-    return _save_lm(tmp_path_factory.mktemp("tiny-phi3"), "phi3", tok)
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-phi3"), "phi3", tok)
 
 
 @pytest.fixture(scope="session")
@@ -104,55 +58,9 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return out
 
 
-def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB") -> Path:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(array).convert(mode).save(path)
-    return path
-
-
-def make_toy_data(root: Path) -> tuple[Path, Path]:
-    """A small LLaVA JSON with images: multi-turn, text-only, shared ids, placeholder at the end."""
-    images = root / "images"
-    images.mkdir()
-    records = []
-    for i in range(12):
-        write_image(images / f"img{i}.png", i)
-        colour = "bright" if i % 2 else "dark"
-        records.append(
-            {
-                "id": f"r{i // 2}",  # ids repeat, as in LLaVA-Instruct
-                "image": f"img{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nIs it bright?" if i % 3 else "Is it bright?\n<image>"},
-                    {"from": "gpt", "value": f"It is {colour}."},
-                    {"from": "human", "value": "Sure?"},
-                    {"from": "gpt", "value": "Yes."},
-                ],
-            }
-        )
-    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]})
-    path = root / "train.json"
-    path.write_text(json.dumps(records))
-    return path, images
-
-
 @pytest.fixture()
 def toy_data(tmp_path) -> tuple[Path, Path]:
     return make_toy_data(tmp_path)
-
-
-def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **train):
-    from vlmtune.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
-
-    settings = dict(output_dir=str(out), max_steps=4, batch_size=2, grad_accum=1, logging_steps=1, save_steps=2)
-    settings.update(train)
-    return RunConfig(
-        model=ModelConfig(lm=str(lm), vision=str(clip)),
-        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
-        data=DataConfig(train=str(data[0]), images=str(data[1]), max_length=128),
-        train=TrainConfig(**settings),
-    )
 
 
 @pytest.fixture(scope="session")

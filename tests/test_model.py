@@ -134,9 +134,13 @@ def test_stream_reassembles_to_answer(tiny_run):
 
 def test_pooled_single_token_variant_trains_and_reloads(tmp_path, tiny_llama_dir):
     """The original recipe's variant: CLIP's projected embedding as one image token."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from helpers import make_toy_data, tiny_config
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
-    from conftest import make_toy_data, tiny_config
     from vlmtune.train.run import train
 
     torch.manual_seed(1)

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import write_image
 from PIL import Image
 
-from conftest import write_image
 from vlmtune.data.check import check_dataset
 from vlmtune.data.images import ImageResolver, open_image
 from vlmtune.data.records import read_records
@@ -137,7 +137,7 @@ def test_transparent_pixels_become_white(tmp_path):
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    import vlmtune.data.images as images
+    from vlmtune.data import images
 
     path = write_image(tmp_path / "big.png", 0, size=100)
     monkeypatch.setattr(images, "MAX_PIXELS", 5000)

@@ -3,10 +3,15 @@
 import json
 
 import pytest
+from helpers import TEMPLATES, tokenizer_with_template
 
-from conftest import TEMPLATES, tokenizer_with_template
 from vlmtune.data.records import Turn
-from vlmtune.data.template import IGNORE_INDEX, TemplateError, encode_conversation, encode_prompt
+from vlmtune.data.template import (
+    IGNORE_INDEX,
+    TemplateError,
+    encode_conversation,
+    encode_prompt,
+)
 
 END_OF_TURN = {"chatml": "<|im_end|>", "phi3": "<|end|>", "llama3": "<|eot_id|>"}
 TURNS = [

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from helpers import make_toy_data, tiny_config
 from safetensors.torch import load_file
 
-from conftest import make_toy_data, tiny_config
 from vlmtune.config import load_config
 from vlmtune.data.dataset import LlavaDataset
 from vlmtune.data.images import ImageResolver
-from vlmtune.data.records import Report, read_records
+from vlmtune.data.records import read_records
 from vlmtune.data.template import IGNORE_INDEX
 from vlmtune.model.build import build_model
 from vlmtune.train.run import train
@@ -154,9 +154,8 @@ def test_continued_round_starts_from_and_keeps_earlier_weights(tmp_path, tiny_ru
 
 
 def test_validation_split_is_stable_and_disjoint(tmp_path, tiny_llama_dir, tiny_clip_dir):
-    from vlmtune.train.run import split_records
-
     from vlmtune.data.records import Record, Turn
+    from vlmtune.train.run import split_records
 
     records = [Record(id=f"id{i}", turns=[Turn("user", "q"), Turn("assistant", "a")]) for i in range(200)]
     records += read_records(make_toy_data(tmp_path)[0])[0]

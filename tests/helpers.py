@@ -1,0 +1,110 @@
+"""Test helpers (not fixtures): tiny models and data built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def tokenizer_with_template(base: Path, kind: str):
+    """The SmolLM2 tokenizer wearing another family's chat template and special tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    if kind == "chatml":
+        return tok
+    spec = json.loads((TEMPLATES / f"{kind}.json").read_text())
+    tok.add_special_tokens({"additional_special_tokens": spec["special_tokens"]})
+    tok.chat_template = spec["chat_template"]
+    for attr in ("bos_token", "eos_token"):
+        if attr in spec:
+            setattr(tok, attr, spec[attr])
+    return tok
+
+
+
+def save_tiny_lm(out: Path, kind: str, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if kind == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+
+def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(array).convert(mode).save(path)
+    return path
+
+
+
+def make_toy_data(root: Path) -> tuple[Path, Path]:
+    """A small LLaVA JSON with images: multi-turn, text-only, shared ids, placeholder at the end."""
+    images = root / "images"
+    images.mkdir()
+    records = []
+    for i in range(12):
+        write_image(images / f"img{i}.png", i)
+        colour = "bright" if i % 2 else "dark"
+        records.append(
+            {
+                "id": f"r{i // 2}",  # ids repeat, as in LLaVA-Instruct
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nIs it bright?" if i % 3 else "Is it bright?\n<image>"},
+                    {"from": "gpt", "value": f"It is {colour}."},
+                    {"from": "human", "value": "Sure?"},
+                    {"from": "gpt", "value": "Yes."},
+                ],
+            }
+        )
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]})
+    path = root / "train.json"
+    path.write_text(json.dumps(records))
+    return path, images
+
+
+
+def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **train):
+    from vlmtune.config import (
+        DataConfig,
+        LoraConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+    )
+
+    settings = dict(output_dir=str(out), max_steps=4, batch_size=2, grad_accum=1, logging_steps=1, save_steps=2)
+    settings.update(train)
+    return RunConfig(
+        model=ModelConfig(lm=str(lm), vision=str(clip)),
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        data=DataConfig(train=str(data[0]), images=str(data[1]), max_length=128),
+        train=TrainConfig(**settings),
+    )

@@ -1,0 +1,313 @@
+"""Export: merged Llava checkpoint, weight names, processor + chat template parity, fresh-process logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import tokenizer_with_template, write_image
+from PIL import Image
+
+ATOL = 1e-4
+
+
+# --- chat template / processor, no model needed ----------------------------------------
+
+
+def _processor(tokenizer, clip_dir: Path, strategy: str, system_prompt: str | None = None):
+    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
+
+    from vlmtune.export.checkpoint import make_processor
+    from vlmtune.model.build import count_image_tokens
+
+    tokenizer = load_tokenizer_like(tokenizer)
+    image_processor = AutoImageProcessor.from_pretrained(clip_dir)
+    tower = CLIPVisionModel.from_pretrained(clip_dir)
+    n = count_image_tokens(tower, image_processor, -2, strategy)
+    vision_config = AutoConfig.from_pretrained(clip_dir)
+    return make_processor(tokenizer, image_processor, vision_config, strategy, n, system_prompt), n
+
+
+def load_tokenizer_like(tokenizer):
+    """Add <image> and a pad token the way vlmtune's build does."""
+    from vlmtune.model.build import IMAGE_TOKEN
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _vlmtune_ids(tokenizer, messages, n_image_tokens, system_prompt=None):
+    """What VisionChat.prompt_ids renders (placeholder first in the first user turn)."""
+    from vlmtune.data.template import encode_prompt
+
+    messages = [dict(m) for m in messages]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return encode_prompt(tokenizer, messages, image_token="<image>", n_image_tokens=n_image_tokens)
+
+
+@pytest.mark.parametrize("family", ["chatml", "phi3"])
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_processor_matches_vlmtune_prompt(smol_tokenizer_dir, tiny_clip_dir, family, strategy):
+    tok = tokenizer_with_template(smol_tokenizer_dir, family)
+    processor, n = _processor(tok, tiny_clip_dir, strategy)
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it? "}]}]
+    text = processor.apply_chat_template(parts, add_generation_prompt=True)
+    ids = processor(images=[image], text=text, return_tensors="pt")["input_ids"][0].tolist()
+    expected = _vlmtune_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat colour is it?"}], n)
+    assert ids == expected
+    assert ids.count(processor.image_token_id) == n
+    # Text-only: content parts and a plain string render alike, as the LM's own template does.
+    plain = [{"role": "user", "content": "Hello there"}]
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    rendered = processor.apply_chat_template(plain, add_generation_prompt=True)
+    assert rendered == processor.apply_chat_template(as_parts, add_generation_prompt=True)
+    assert processor.tokenizer(rendered, add_special_tokens=False)["input_ids"] == _vlmtune_ids(processor.tokenizer, plain, 0)
+
+
+def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_dir):
+    tok = tokenizer_with_template(smol_tokenizer_dir, "phi3")
+    processor, n = _processor(tok, tiny_clip_dir, "default", system_prompt="Answer briefly.")
+    # Image after the text in the request still lands first, where training put it.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Which shape?"}, {"type": "image"}]}]
+    text = processor.apply_chat_template(parts, add_generation_prompt=True)
+    assert text.startswith("<|system|>\nAnswer briefly.<|end|>\n<|user|>\n<image>\nWhich shape?")
+    ids = processor(images=[Image.new("RGB", (32, 32))], text=text)["input_ids"][0]
+    expected = _vlmtune_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhich shape?"}], n,
+                            system_prompt="Answer briefly.")
+    assert list(ids) == expected
+    # A conversation that brings its own system turn keeps it.
+    own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert "Answer briefly." not in processor.apply_chat_template(own, add_generation_prompt=True)
+
+
+def test_wrap_rejects_missing_template():
+    from vlmtune.export import wrap_chat_template
+
+    with pytest.raises(ValueError, match="no chat template"):
+        wrap_chat_template(None)
+
+
+# --- refusing what a Llava checkpoint cannot hold ----------------------------------------
+
+
+def _fake_run(tmp_path: Path, **model) -> Path:
+    from vlmtune.config import ModelConfig, RunConfig
+
+    run = tmp_path / "run"
+    (run / "processor").mkdir(parents=True)
+    RunConfig(model=ModelConfig(**model)).save(run / "config.yaml")
+    return run
+
+
+def test_export_refuses_pooled_features(tmp_path, capsys):
+    from vlmtune.cli import main
+    from vlmtune.export import ExportError, export_run
+
+    run = _fake_run(tmp_path, image_features="pooled")
+    with pytest.raises(ExportError, match="pooled"):
+        export_run(run, tmp_path / "out")
+    assert main(["export", str(run), str(tmp_path / "out")]) == 2
+    assert "image_features" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_non_run_and_existing_out(tmp_path, tiny_run):
+    from vlmtune.export import export_run
+
+    with pytest.raises(FileNotFoundError, match="not a vlmtune run"):
+        export_run(tmp_path, tmp_path / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_run(tiny_run, tmp_path / "busy")
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    with pytest.raises(ValueError, match="outside the run directory"):
+        export_run(tiny_run, tiny_run / "export")
+
+
+# --- the tiny run, exported ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    from vlmtune.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "llava"
+    assert main(["export", str(tiny_run), str(out)]) == 0
+    return out
+
+
+def test_export_layout_and_weight_names(exported, tiny_run):
+    from safetensors import safe_open
+
+    for name in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json",
+                 "preprocessor_config.json", "tokenizer.json", "chat_template.jinja", "vlmtune_export.json"):
+        assert (exported / name).is_file(), name
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    prefixes = ("model.language_model.", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "lm_head.")
+    assert keys and all(k.startswith(prefixes) for k in keys), [k for k in keys if not k.startswith(prefixes)]
+    assert any(k.startswith("model.vision_tower.vision_model.embeddings.") for k in keys)
+    assert "lm_head.weight" not in keys  # the tiny LM ties it to the embeddings
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert "quantization_config" not in config
+    info = json.loads((exported / "vlmtune_export.json").read_text())
+    assert info["lora_merged"] is True and info["n_image_tokens"] == config["image_seq_length"]
+    processor_config = json.loads((exported / "processor_config.json").read_text())
+    assert processor_config["patch_size"] == config["vision_config"]["patch_size"]
+
+
+FRESH = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+
+    out, image_path, result_path = sys.argv[1:4]
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(out)
+    image = Image.open(image_path).convert("RGB")
+    results = {"loading": {k: sorted(map(str, v)) for k, v in info.items()}}
+    tensors = {}
+    for name, content in (
+        ("image", [{"type": "image"}, {"type": "text", "text": "Is it bright?"}]),
+        ("text", [{"type": "text", "text": "Say hello."}]),
+    ):
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=[image] if name == "image" else None, text=text, return_tensors="pt")
+        with torch.no_grad():
+            tensors[name] = model(**inputs).logits[0]
+        results[name + "_ids"] = inputs["input_ids"][0].tolist()
+    # lmms-eval's llava_hf renders string content "<image>" + newline + question with the tokenizer's template.
+    lmms_text = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\\nIs it bright?"}], tokenize=False, add_generation_prompt=True)
+    image_text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it bright?"}]}],
+        add_generation_prompt=True)
+    results["lmms_style_same"] = lmms_text == image_text
+    torch.save(tensors, result_path + ".pt")
+    pipe = pipeline("image-text-to-text", model=out)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image_path},
+                                             {"type": "text", "text": "Is it bright?"}]}]
+    answer = pipe(text=messages, max_new_tokens=3, return_full_text=False)
+    results["pipeline"] = answer[0]["generated_text"]
+    results["vlmtune_imported"] = any(m == "vlmtune" or m.startswith("vlmtune.") for m in sys.modules)
+    json.dump(results, open(result_path, "w"))
+    """
+)
+
+
+def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
+    from vlmtune.infer.chat import VisionChat
+
+    image_path = write_image(tmp_path / "probe.png", seed=7, size=40)
+    result_path = tmp_path / "fresh.json"
+    env_python = [sys.executable, "-c", FRESH, str(exported), str(image_path), str(result_path)]
+    proc = subprocess.run(env_python, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(result_path.read_text())
+    fresh_logits = torch.load(str(result_path) + ".pt")
+    assert fresh["vlmtune_imported"] is False
+    assert fresh["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert isinstance(fresh["pipeline"], str)
+    assert fresh["lmms_style_same"] is True
+
+    chat = VisionChat.from_run(tiny_run)
+    image = Image.open(image_path).convert("RGB")
+    cases = {
+        "image": ([{"role": "user", "content": "Is it bright?"}], image),
+        "text": ([{"role": "user", "content": "Say hello."}], None),
+    }
+    for name, (messages, img) in cases.items():
+        ids = chat.prompt_ids(messages, with_image=img is not None)
+        assert fresh[name + "_ids"] == ids, name
+        inputs = {"input_ids": torch.tensor([ids])}
+        if img is not None:
+            inputs["pixel_values"] = chat.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():  # adapter enabled: the merged checkpoint always applies it
+            logits = chat.model(**inputs).logits[0]
+        diff = (logits - fresh_logits[name]).abs().max().item()
+        assert diff < ATOL, f"{name}: max |logit diff| {diff:.2e}"
+
+
+def test_export_qlora_run_rebuilds_full_precision(tiny_run, tmp_path):
+    from vlmtune.export import export_run
+
+    run = tmp_path / "qlora-run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["lora"]["quantize"] = "nf4"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = export_run(run, tmp_path / "out", dtype="bfloat16")
+    info = json.loads((out / "vlmtune_export.json").read_text())
+    assert info["base_dequantized_from"] == "nf4" and info["dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict) == {"BF16"}
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_checkpoint_names_round_trip(tmp_path, tower):
+    """CLIP and SigLIP towers, tied and untied heads, sharded files: transformers reloads every weight."""
+    from safetensors import safe_open
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Phi3Config,
+        SiglipVisionConfig,
+    )
+
+    from vlmtune.export.checkpoint import checkpoint_state, write_safetensors
+
+    torch.manual_seed(0)
+    vision_args = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8}
+    text_args = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if tower == "clip":  # Llama with tied embeddings, CLS dropped
+        tied, strategy = True, "default"
+        vision, text = CLIPVisionConfig(**vision_args), LlamaConfig(**text_args, tie_word_embeddings=True)
+    else:  # Phi-3 with its own lm_head, every token kept
+        tied, strategy = False, "full"
+        vision, text = SiglipVisionConfig(**vision_args), Phi3Config(**text_args, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=299, image_seq_length=16,
+                         vision_feature_select_strategy=strategy, tie_word_embeddings=tied)
+    model = LlavaForConditionalGeneration(config).eval()
+    tensors, is_tied = checkpoint_state(model)
+    assert is_tied is tied and ("lm_head.weight" in tensors) is not tied
+    files = write_safetensors(tensors, tmp_path, shard_bytes=100_000)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    for file in files:
+        with safe_open(str(tmp_path / file), "pt") as f:
+            names = list(f.keys())
+        assert not [k for k in names if k.startswith("model.vision_tower.") and ".vision_model." not in k]
+    config.save_pretrained(tmp_path)
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.tensor([[1, 2] + [299] * 16 + [3, 4]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        got = loaded.eval()(input_ids=ids, pixel_values=pixels).logits
+    assert torch.allclose(expected, got, atol=1e-6)
