@@ -107,7 +107,15 @@ def test_render_scene_is_deterministic_and_places_shapes_on_side() -> None:
 
 
 def test_answers_grammar() -> None:
-    base = dict(color="red", side="left", centers=((0.2, 0.2),), sizes=(0.2,), rgb=(1, 2, 3), background=(250, 250, 250), noise_seed=0)
+    base = {
+        "color": "red",
+        "side": "left",
+        "centers": ((0.2, 0.2),),
+        "sizes": (0.2,),
+        "rgb": (1, 2, 3),
+        "background": (250, 250, 250),
+        "noise_seed": 0,
+    }
     one = ShapeScene(shape="triangle", count=1, **base)
     three = ShapeScene(shape="cross", count=3, **base)
     assert answer_for(one, "color") == "The shape is red."
@@ -169,7 +177,9 @@ def test_answers_match_regenerated_scenes(dataset) -> None:
     all_questions = {q: qt for qt, qs in QUESTION_TEMPLATES.items() for q in qs}
     for rec in train:
         scene = sample_scene(rng)
-        assert np.array_equal(np.asarray(Image.open(dataset.images_dir / rec["image"])), np.asarray(render_scene(scene)))
+        assert np.array_equal(
+            np.asarray(Image.open(dataset.images_dir / rec["image"])), np.asarray(render_scene(scene))
+        )
         for h, g in zip(rec["conversations"][::2], rec["conversations"][1::2]):
             qt = all_questions[h["value"].replace("<image>", "").strip()]
             assert g["value"] == answer_for(scene, qt)

@@ -19,22 +19,22 @@ from vlmtune.model.tiny_tower import (
 )
 
 # A tiny, fast configuration: the test only checks plumbing, not accuracy.
-TINY = dict(
-    seed=0,
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_seconds=20.0,
-    max_steps=40,
-    batch_size=32,
-    pool_size=320,
-    eval_every=20,
-    n_val_images=64,
-    n_probe_images=64,
-    progress=False,
-)
+TINY = {
+    "seed": 0,
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_seconds": 20.0,
+    "max_steps": 40,
+    "batch_size": 32,
+    "pool_size": 320,
+    "eval_every": 20,
+    "n_val_images": 64,
+    "n_probe_images": 64,
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module")

@@ -71,9 +71,8 @@ def resolve(name: str) -> str:
             convert_smollm2(target)
         return str(target)
     if key == SHAPES_TOWER:
-        if not (target / "probe.json").is_file():
-            from vlmtune.model.tiny_tower import pretrain_shapes_tower
+        from vlmtune.model.tiny_tower import pretrain_shapes_tower
 
-            pretrain_shapes_tower(target)
+        pretrain_shapes_tower(target)  # returns at once when a tower with the same settings is there
         return str(target)
     raise ValueError(f"unknown offline model '{name}' (known: {PREFIX}{SMOLLM2}, {PREFIX}{SHAPES_TOWER})")

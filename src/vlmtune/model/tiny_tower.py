@@ -7,13 +7,14 @@ shapes rendered in memory (:mod:`vlmtune.data.shapes`), then saves it as a
 standard Hugging Face directory that a Llava model can use as its vision tower:
 
 * ``config.json`` + ``model.safetensors`` (``CLIPVisionModel.save_pretrained``,
-  keys ``vision_model.*``);
+  re-keyed to the hub layout ``vision_model.*``);
 * ``preprocessor_config.json`` (``CLIPImageProcessor`` with resize/crop size =
   ``image_size`` and the mean/std used for training);
 * ``probe.json``: held-out accuracy per attribute, measured on the reloaded
   model's ``hidden_states[-1]`` (all tokens, before ``post_layernorm``), i.e.
   exactly the features a Llava model reads with ``vision_feature_layer=-1`` and
-  ``vision_feature_select_strategy="full"``.
+  ``vision_feature_select_strategy="full"``;
+* ``probe_heads.pt``: the linear heads (state dict), for re-probing.
 
 The classification heads read the last-layer CLS token and the mean of all
 last-layer tokens, so every attribute is linearly decodable from the features
@@ -22,29 +23,34 @@ the VLM projector sees. Only the encoder is kept.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from vlmtune.data.shapes import ATTRIBUTES, QUESTION_TYPES, render_scene, sample_scene, scene_labels
+from vlmtune.data.shapes import ATTRIBUTES, QUESTION_TYPES, RENDER_VERSION, render_scene, sample_scene, scene_labels
 
 __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
-    "tower_config",
-    "tower_image_processor",
-    "render_batch",
     "pretrain_shapes_tower",
     "probe_tower",
+    "render_batch",
+    "tower_config",
+    "tower_image_processor",
 ]
 
 IMAGE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -53,6 +59,7 @@ IMAGE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """Per-channel std used to normalise images (after scaling to [0, 1])."""
 
 _FORMAT_VERSION = 1
+_PREFIX = "vision_model."
 # Seed-stream tags, distinct from the dataset's ([seed, 1..4]) streams.
 _TRAIN_STREAM, _VAL_STREAM, _PROBE_STREAM = 101, 102, 103
 
@@ -60,7 +67,7 @@ _TRAIN_STREAM, _VAL_STREAM, _PROBE_STREAM = 101, 102, 103
 def tower_config(
     image_size: int = 64,
     patch_size: int = 16,
-    hidden_size: int = 192,
+    hidden_size: int = 128,
     num_hidden_layers: int = 3,
     num_attention_heads: int = 4,
     intermediate_size: int | None = None,
@@ -85,9 +92,25 @@ def tower_config(
     )
 
 
-def tower_image_processor(image_size: int = 64) -> CLIPImageProcessor:
-    """Image processor matching the tower's training preprocessing."""
-    return CLIPImageProcessor(
+def _image_processor_cls() -> type:
+    """``CLIPImageProcessor`` (PIL backend when torchvision is absent, without the warning)."""
+    if importlib.util.find_spec("torchvision") is None:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor
+
+
+def tower_image_processor(image_size: int = 64) -> Any:
+    """``CLIPImageProcessor`` matching the tower's training preprocessing.
+
+    Resize (shortest edge) and center crop to ``image_size``, rescale to [0, 1],
+    normalise with :data:`IMAGE_MEAN` / :data:`IMAGE_STD`. It is saved with
+    ``image_processor_type = "CLIPImageProcessor"``.
+    """
+    return _image_processor_cls()(
         do_resize=True,
         size={"shortest_edge": image_size},
         do_center_crop=True,
@@ -101,7 +124,9 @@ def tower_image_processor(image_size: int = 64) -> CLIPImageProcessor:
     )
 
 
-def render_batch(rng: np.random.Generator, n: int, image_size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def render_batch(
+    rng: np.random.Generator, n: int, image_size: int = 64
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sample and render ``n`` scenes.
 
     Returns ``(images, labels)``: ``uint8`` images of shape ``(n, 3, S, S)`` and
@@ -171,8 +196,12 @@ def probe_tower(
     Images go through the saved ``CLIPImageProcessor`` and features are the
     reloaded model's ``hidden_states[-1]`` (the Llava view).
     """
-    model = CLIPVisionModel.from_pretrained(tower_dir, dtype=torch.float32).eval()
-    processor = CLIPImageProcessor.from_pretrained(tower_dir)
+    model, info = CLIPVisionModel.from_pretrained(tower_dir, dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        raise RuntimeError(f"saved tower does not reload cleanly: {info}")
+    model.eval()
+    processor = _image_processor_cls().from_pretrained(tower_dir)
     image_size = int(model.config.image_size)
     heads = _Heads(model.config.hidden_size)
     heads.load_state_dict(heads_state)
@@ -201,10 +230,25 @@ def probe_tower(
     }
 
 
-def _to_pil(image_chw_u8: torch.Tensor):  # -> PIL.Image.Image
-    from PIL import Image
-
+def _to_pil(image_chw_u8: torch.Tensor) -> Image.Image:
     return Image.fromarray(image_chw_u8.permute(1, 2, 0).numpy(), "RGB")
+
+
+def _save_tower(model: CLIPVisionModel, out_dir: Path) -> None:
+    """``save_pretrained`` with the hub-standard ``vision_model.*`` weight names.
+
+    transformers 5 saves a freshly built ``CLIPVisionModel`` without the
+    ``vision_model.`` prefix (it only re-adds it for models loaded from a
+    prefixed checkpoint); ``from_pretrained`` accepts both layouts, so the file
+    is re-keyed to the layout of hub CLIP checkpoints, which every loader takes.
+    """
+    model.save_pretrained(out_dir, safe_serialization=True)
+    path = out_dir / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        names = list(f.keys())  # safe_open is not iterable
+        tensors = {(k if k.startswith(_PREFIX) else _PREFIX + k): f.get_tensor(k).contiguous() for k in names}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 @contextmanager
@@ -236,17 +280,17 @@ def pretrain_shapes_tower(
     seed: int = 0,
     image_size: int = 64,
     patch_size: int = 16,
-    hidden_size: int = 192,
+    hidden_size: int = 128,
     num_hidden_layers: int = 3,
     num_attention_heads: int = 4,
-    max_seconds: float = 120.0,
-    max_steps: int = 1200,
+    max_seconds: float = 600.0,
+    max_steps: int = 300,
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     pool_size: int = 4096,
     reuse_per_pool: int = 2,
-    target_accuracy: float = 0.998,
+    target_accuracy: float | None = None,
     eval_every: int = 50,
     n_val_images: int = 1000,
     n_probe_images: int = 2000,
@@ -262,8 +306,10 @@ def pretrain_shapes_tower(
     pool of ``pool_size`` fresh images is drawn and each image is used
     ``reuse_per_pool`` times (the second time mirrored left-right, with the
     side label swapped). Training stops at ``max_steps``, after ``max_seconds``
-    (data generation included), or once every attribute reaches
-    ``target_accuracy`` on a validation set (checked every ``eval_every`` steps).
+    (data generation included), or, if ``target_accuracy`` is set, once every
+    attribute reaches it on a validation set (checked every ``eval_every``
+    steps; by default training runs the full cosine schedule, which gives a
+    better converged tower than stopping early).
 
     If ``out_dir`` already holds a finished tower trained with the same
     parameters (``probe.json`` present), it is reused without retraining.
@@ -271,12 +317,15 @@ def pretrain_shapes_tower(
     Returns the probe dict (also written to ``out_dir/probe.json``): held-out
     ``accuracy`` per attribute (worst of the CLS and mean-pool heads, on the
     reloaded model's ``hidden_states[-1]``), ``accuracy_cls``,
-    ``accuracy_mean_pool``, ``steps``, ``train_seconds``, ``losses`` (per step),
-    ``params`` and ``reused``.
+    ``accuracy_mean_pool``, ``feature_std``, ``num_tokens``, ``steps``,
+    ``stop_reason``, ``train_seconds`` (wall, data generation included),
+    ``train_cpu_seconds``, ``val_history``, ``losses`` (per step), ``params``
+    and ``reused``.
     """
     out_dir = Path(out_dir)
     params = {
         "version": _FORMAT_VERSION,
+        "render_version": RENDER_VERSION,
         "seed": seed,
         "image_size": image_size,
         "patch_size": patch_size,
@@ -302,6 +351,7 @@ def pretrain_shapes_tower(
 
     with _torch_threads(num_threads):
         t0 = time.perf_counter()
+        c0 = time.process_time()
         torch.manual_seed(seed)
         model = CLIPVisionModel(
             tower_config(image_size, patch_size, hidden_size, num_hidden_layers, num_attention_heads)
@@ -361,7 +411,7 @@ def pretrain_shapes_tower(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params_all, 1.0)
             opt.step()
-            losses.append(round(float(loss), 5))
+            losses.append(round(loss.item(), 5))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -371,7 +421,7 @@ def pretrain_shapes_tower(
                 worst = min(min(d.values()) for d in acc.values())
                 val_history.append({"step": step, "seconds": round(elapsed, 2), "worst": worst, **acc})
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", val_worst=f"{worst:.3f}")
-                if worst >= target_accuracy:
+                if target_accuracy is not None and worst >= target_accuracy:
                     stop_reason = "target_accuracy"
                     break
             if elapsed >= max_seconds:
@@ -379,10 +429,11 @@ def pretrain_shapes_tower(
                 break
         bar.close()
         train_seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "probe.json").unlink(missing_ok=True)  # written last: marks completion
-        model.save_pretrained(out_dir, safe_serialization=True)
+        _save_tower(model, out_dir)
         tower_image_processor(image_size).save_pretrained(out_dir)
         heads_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
         torch.save(heads_state, out_dir / "probe_heads.pt")
@@ -392,6 +443,7 @@ def pretrain_shapes_tower(
         steps=step,
         stop_reason=stop_reason,
         train_seconds=round(train_seconds, 2),
+        train_cpu_seconds=round(cpu_seconds, 2),
         val_history=val_history,
         losses=losses,
         params=params,
