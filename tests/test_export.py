@@ -93,7 +93,7 @@ def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_di
 
 
 def test_wrap_rejects_missing_template():
-    from vlmtune.export import wrap_chat_template
+    from vlmtune.export.template import wrap_chat_template
 
     with pytest.raises(ValueError, match="no chat template"):
         wrap_chat_template(None)
@@ -113,7 +113,7 @@ def _fake_run(tmp_path: Path, **model) -> Path:
 
 def test_export_refuses_pooled_features(tmp_path, capsys):
     from vlmtune.cli import main
-    from vlmtune.export import ExportError, export_run
+    from vlmtune.export.checkpoint import ExportError, export_run
 
     run = _fake_run(tmp_path, image_features="pooled")
     with pytest.raises(ExportError, match="pooled"):
@@ -124,7 +124,7 @@ def test_export_refuses_pooled_features(tmp_path, capsys):
 
 
 def test_export_refuses_non_run_and_existing_out(tmp_path, tiny_run):
-    from vlmtune.export import export_run
+    from vlmtune.export.checkpoint import export_run
 
     with pytest.raises(FileNotFoundError, match="not a vlmtune run"):
         export_run(tmp_path, tmp_path / "out")
@@ -246,7 +246,7 @@ def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
 
 
 def test_export_qlora_run_rebuilds_full_precision(tiny_run, tmp_path):
-    from vlmtune.export import export_run
+    from vlmtune.export.checkpoint import export_run
 
     run = tmp_path / "qlora-run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))

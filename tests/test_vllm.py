@@ -76,7 +76,7 @@ def _vllm_ready_run(root: Path, smol_tokenizer_dir: Path, clip_dir: Path) -> Pat
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smol_tokenizer_dir, tiny_clip_dir):
-    from vlmtune.export import export_run
+    from vlmtune.export.checkpoint import export_run
 
     root = tmp_path_factory.mktemp("vllm")
     demo = os.environ.get("VLMTUNE_DEMO_RUN")

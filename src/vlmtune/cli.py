@@ -6,6 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlmtune.data.prepare import add_subparser as add_prepare
+from vlmtune.eval.cli import add_subparser as add_eval
+from vlmtune.export.cli import add_subparser as add_export
+from vlmtune.serve.cli import add_subparser as add_serve
+
 
 def _train(args: argparse.Namespace) -> int:
     from vlmtune.config import load_config
@@ -92,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=2048)
     p.set_defaults(func=_data_stats)
 
-    for module in ("vlmtune.data.prepare", "vlmtune.serve.cli", "vlmtune.eval.cli", "vlmtune.export.cli"):
-        try:
-            add = __import__(module, fromlist=["add_subparser"]).add_subparser
-        except ImportError:
-            continue
+    for add in (add_prepare, add_eval, add_export, add_serve):
         add(sub)
     return parser
 

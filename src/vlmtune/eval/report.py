@@ -42,30 +42,10 @@ def thumbnail_data_url(path: str | Path, size: int = THUMBNAIL) -> str | None:
 
 def loss_curve_png(history: list[dict]) -> bytes | None:
     """Training (and validation) loss against step from a trainer log history, as PNG bytes."""
-    import matplotlib
+    from vlmtune.train.plots import plot_losses
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not val:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train", color="#1f77b4")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", color="#d62728")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return buf.getvalue() if plot_losses(history, buf) else None
 
 
 def _fmt(value: Any) -> str:
