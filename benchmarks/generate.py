@@ -18,10 +18,15 @@ from vlmtune.infer.chat import VisionChat
 
 
 def naive_loop(model, inputs: dict, n_new: int) -> torch.Tensor:
+    """Greedy decoding by full forwards; EOS is masked, as ``min_new_tokens`` does in ``generate``."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos])
     for _ in range(n_new):
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], use_cache=False).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        last = logits[:, -1].clone()
+        last[:, eos] = float("-inf")
+        nxt = last.argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     return ids
