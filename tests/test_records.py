@@ -153,3 +153,16 @@ def test_coco_names_resolve_both_ways(tmp_path, on_disk):
     resolver = ImageResolver(tmp_path)
     assert resolver.resolve("000000033471.jpg") == target.resolve()
     assert resolver.resolve("COCO_train2014_000000033471.jpg") == target.resolve()
+
+
+def test_data_stats_counts_records_turns_and_long_ones(toy_data, tiny_llama_dir):
+    from vlmtune.data.stats import dataset_stats
+
+    path, _ = toy_data
+    text = dataset_stats(path, tokenizer=str(tiny_llama_dir), max_length=45)
+    assert "records: 13 usable of 13 read (0 malformed)" in text
+    assert "images: 12 records with an image, 12 distinct files, 1 text-only" in text
+    assert "answers per record: 1: 1, 2: 12" in text
+    over = int(text.split("records over max_length 45 before image tokens: ")[1].split()[0])
+    assert over == 12  # every two-turn record is longer than 45 tokens, the one-line text record is not
+    assert "token-length histogram:" in text
