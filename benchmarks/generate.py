@@ -1,7 +1,10 @@
 """Tokens/s of ``generate()`` (KV cache) against re-running the full forward for every token.
 
 The second is what the original recipe did (no ``generate``, no cache). Same model, same
-prompt with an image, 64 new tokens each (EOS ignored so both produce exactly 64).
+prompt with an image, 64 new tokens each (EOS ignored so both produce exactly 64). Two prompts:
+one question, and the same question after three earlier turns about the image (a chat with
+history, where re-running the whole sequence for every token costs the most). The last line
+is the speedup on the chat prompt.
 
     python benchmarks/generate.py [--run runs/demo] [--new-tokens 64] [--repeats 3]
 """
@@ -57,23 +60,30 @@ def main() -> None:
 
     chat = VisionChat.from_run(args.run)
     image = Image.new("RGB", (64, 64), (220, 40, 40))
-    inputs = chat.model_inputs([[{"role": "user", "content": "Describe the image in detail."}]], [image])
+    question = {"role": "user", "content": "Describe the image in detail."}
+    history = [
+        {"role": "user", "content": "What color is the shape?"},
+        {"role": "assistant", "content": "The shapes are red."},
+        {"role": "user", "content": "How many shapes are there?"},
+        {"role": "assistant", "content": "There are 2 shapes."},
+        {"role": "user", "content": "Which side are the shapes on?"},
+        {"role": "assistant", "content": "They are on the left."},
+    ]
     model = chat.model
     n = args.new_tokens
-    cached_generate(model, inputs, 2)  # warm-up
-    t_cache, out_cache = timed(lambda: cached_generate(model, inputs, n), args.repeats)
-    t_naive, out_naive = timed(lambda: naive_loop(model, inputs, n), args.repeats)
-    same = torch.equal(out_cache[:, -n:], out_naive[:, -n:])
-
-    prompt_len = inputs["input_ids"].shape[1]
     print(f"model: {args.run}  device: {chat.device}  threads: {torch.get_num_threads()}")
-    print(f"prompt length: {prompt_len} tokens ({chat.n_image_tokens} image tokens), new tokens: {n}, best of {args.repeats}")
-    print(f"{'method':<34}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'full forward per token (no cache)':<34}{t_naive:>10.3f}{n / t_naive:>12.1f}")
-    print(f"{'generate() with KV cache':<34}{t_cache:>10.3f}{n / t_cache:>12.1f}")
-    print(f"same tokens: {same}")
-    print(f"speedup: {t_naive / t_cache:.2f}x")
-
+    print(f"{n} new tokens, {chat.n_image_tokens} image tokens per prompt, best of {args.repeats}")
+    print(f"{'prompt':<26}{'tokens':>7}{'no cache s':>12}{'tok/s':>8}{'generate s':>12}{'tok/s':>8}{'speedup':>9}{'same':>6}")
+    for name, messages in (("one question", [question]), ("question after 3 turns", history + [question])):
+        inputs = chat.model_inputs([messages], [image])
+        cached_generate(model, inputs, 2)  # warm-up
+        t_cache, out_cache = timed(lambda: cached_generate(model, inputs, n), args.repeats)
+        t_naive, out_naive = timed(lambda: naive_loop(model, inputs, n), args.repeats)
+        same = torch.equal(out_cache[:, -n:], out_naive[:, -n:])
+        speedup = t_naive / t_cache
+        print(f"{name:<26}{inputs['input_ids'].shape[1]:>7}{t_naive:>12.2f}{n / t_naive:>8.1f}"
+              f"{t_cache:>12.2f}{n / t_cache:>8.1f}{speedup:>8.2f}x{str(same):>6}")
+    print(f"speedup: {speedup:.2f}x")
 
 if __name__ == "__main__":
     main()
