@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_lm, make_toy_data, tiny_config, tokenizer_with_template
+from helpers import make_toy_data, tiny_config, tokenizer_with_template
+
+from vlmtune.serve.testing import save_tiny_clip, save_tiny_lm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,28 +36,18 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     tok = tokenizer_with_template(smol_tokenizer_dir, "chatml")
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), "llama", tok)
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), tok, "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_phi3_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     tok = tokenizer_with_template(smol_tokenizer_dir, "phi3")
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-phi3"), "phi3", tok)
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-phi3"), tok, "phi3")
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-clip")
-    config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=16,
-    )
-    CLIPVisionModel(config).save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
-    return out
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture()

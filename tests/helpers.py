@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -28,40 +28,11 @@ def tokenizer_with_template(base: Path, kind: str):
     return tok
 
 
-
-def save_tiny_lm(out: Path, kind: str, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
-
-    torch.manual_seed(0)
-    vocab = len(tokenizer)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if kind == "phi3":
-        model = Phi3ForCausalLM(Phi3Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-
 def write_image(path: Path, seed: int, size: int = 40, mode: str = "RGB") -> Path:
     rng = np.random.default_rng(seed)
     array = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
     Image.fromarray(array).convert(mode).save(path)
     return path
-
 
 
 def make_toy_data(root: Path) -> tuple[Path, Path]:
@@ -88,7 +59,6 @@ def make_toy_data(root: Path) -> tuple[Path, Path]:
     path = root / "train.json"
     path.write_text(json.dumps(records))
     return path, images
-
 
 
 def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **train):

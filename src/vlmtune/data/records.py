@@ -61,11 +61,6 @@ class Report:
     def reasons(self) -> Counter:
         return Counter(p.reason.split(":")[0] for p in self.problems)
 
-    def merge(self, other: "Report") -> None:
-        self.n_read += other.n_read
-        self.n_kept += other.n_kept
-        self.problems.extend(other.problems)
-
     def summary(self, show: int = 20) -> str:
         lines = [f"{self.n_read} records read, {self.n_kept} kept, {len(self.problems)} skipped"]
         for reason, count in self.reasons().most_common():

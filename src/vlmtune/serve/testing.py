@@ -15,17 +15,52 @@ import numpy as np
 from PIL import Image
 
 
+def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: float = 0.02) -> Path:
+    """A 2-layer random-init Llama (tied embeddings) or Phi-3 sized for ``tokenizer``, saved with it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "initializer_range": initializer_range,
+    }
+    if kind == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def save_tiny_clip(out: Path) -> Path:
+    """A 2-layer random-init CLIP vision tower at 32x32 pixels (16 patches of 8x8), with its processor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=16,
+    )
+    CLIPVisionModel(config).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return Path(out)
+
+
 def tiny_backbones(out: Path, tokenizer_dir: str | Path | None = None) -> tuple[Path, Path]:
     """A tiny Llama (SmolLM2 tokenizer) and a tiny CLIP tower under ``out``; returns their folders."""
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import AutoTokenizer
 
     out = Path(out)
     if tokenizer_dir is None:
@@ -33,39 +68,9 @@ def tiny_backbones(out: Path, tokenizer_dir: str | Path | None = None) -> tuple[
 
         tokenizer_dir = resolve(f"offline:{SMOLLM2}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    lm = out / "lm"
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,
-            initializer_range=0.2,  # the default 0.02 makes a random LM answer nothing but newlines
-        )
-    ).save_pretrained(lm)
-    tokenizer.save_pretrained(lm)
-    clip = out / "clip"
-    CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=16,
-        )
-    ).save_pretrained(clip)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
-    return lm, clip
+    # the default 0.02 makes a random LM answer nothing but newlines
+    lm = save_tiny_lm(out / "lm", tokenizer, initializer_range=0.2)
+    return lm, save_tiny_clip(out / "clip")
 
 
 def build_tiny_run(out: Path, lm_dir: str | Path, vision_dir: str | Path, steps: int = 4) -> Path:
