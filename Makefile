@@ -1,11 +1,11 @@
 # `make demo` and `make test` set everything up on first use (see scripts/setup.sh).
 VENV := .venv
-STAMP := $(VENV)/.vlmtune-setup
+STAMP := $(VENV)/.phiclip-setup
 
 .PHONY: demo test test-vllm setup bench
 
 demo: $(STAMP)
-	$(VENV)/bin/vlmtune demo
+	$(VENV)/bin/phiclip demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not vllm"
@@ -20,6 +20,6 @@ bench: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): setup.py scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)

@@ -17,7 +17,7 @@ import time
 import torch
 from PIL import Image
 
-from vlmtune.infer.chat import VisionChat
+from chat.assistant import VisionChat
 
 
 def naive_loop(model, inputs: dict, n_new: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/demo", help="a trained run directory (vlmtune demo makes runs/demo)")
+    parser.add_argument("--run", default="runs/demo", help="a trained run directory (phiclip demo makes runs/demo)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

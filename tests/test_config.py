@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.config import ConfigError, RunConfig, load_config
+from train.config import ConfigError, RunConfig, load_config
 
-CONFIGS = Path(__file__).parent.parent / "src" / "vlmtune" / "configs"
+CONFIGS = Path(__file__).parent.parent / "train" / "configs"
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.config import load_config
-from vlmtune.data.records import read_records
+from train.config import load_config
+from train.records import read_records
 
-DEMO = Path(os.environ.get("VLMTUNE_DEMO_RUN", Path(__file__).resolve().parents[1] / "runs" / "demo"))
+DEMO = Path(os.environ.get("PHICLIP_DEMO_RUN", Path(__file__).resolve().parents[1] / "runs" / "demo"))
 pytestmark = pytest.mark.skipif(
     not (DEMO / "eval.json").is_file(), reason=f"no trained demo run at {DEMO} (run `make demo` first)"
 )
@@ -24,7 +24,7 @@ def metrics() -> dict:
 
 @pytest.fixture(scope="module")
 def chat():
-    from vlmtune.infer.chat import VisionChat
+    from chat.assistant import VisionChat
 
     return VisionChat.from_run(DEMO)
 
@@ -53,7 +53,7 @@ def new_scenes(n: int):
     """Scenes from a seed stream the dataset never uses."""
     import numpy as np
 
-    from vlmtune.data.shapes import render_scene, sample_scene
+    from demo.shapes import render_scene, sample_scene
 
     rng = np.random.default_rng(987654)
     return [(scene, render_scene(scene)) for scene in (sample_scene(rng) for _ in range(n))]
@@ -71,7 +71,7 @@ def test_chat_cli_streams_an_answer(tmp_path):
     path = tmp_path / "scene.png"
     image.save(path)
     out = subprocess.run(
-        [sys.executable, "-m", "vlmtune.cli", "chat", str(DEMO), "--image", str(path), "--stream",
+        [sys.executable, "-m", "phiclip_cli", "chat", str(DEMO), "--image", str(path), "--stream",
          "Which side are the shapes on?"],
         capture_output=True, text=True, timeout=600,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import write_image
 
-from vlmtune.eval import metrics as M
+from evaluation import metrics as M
 
 # --- VQA normalisation and accuracy ---------------------------------------------------------
 
@@ -138,7 +138,7 @@ def _eval_set(root: Path) -> tuple[Path, Path]:
 
 
 def test_load_eval_set(tmp_path):
-    from vlmtune.eval.evaluate import load_eval_set
+    from evaluation.evaluate import load_eval_set
 
     data, images = _eval_set(tmp_path)
     items, report = load_eval_set(data, images)
@@ -162,7 +162,7 @@ def test_load_eval_set(tmp_path):
 
 
 def test_score_answers_by_type(tmp_path):
-    from vlmtune.eval.evaluate import load_eval_set, score_answers
+    from evaluation.evaluate import load_eval_set, score_answers
 
     data, images = _eval_set(tmp_path)
     items, _ = load_eval_set(data, images)
@@ -181,8 +181,8 @@ def test_score_answers_by_type(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_run, tmp_path_factory):
-    from vlmtune.eval.evaluate import evaluate_run
-    from vlmtune.infer.chat import VisionChat
+    from evaluation.evaluate import evaluate_run
+    from chat.assistant import VisionChat
 
     root = tmp_path_factory.mktemp("eval-set")
     data, images = _eval_set(root)
@@ -207,7 +207,7 @@ def test_evaluate_run_on_tiny_run(tiny_eval):
 
 
 def test_report_is_self_contained(tiny_eval, tiny_run, tmp_path):
-    from vlmtune.eval.report import write_report
+    from evaluation.report import write_report
 
     result, _, _ = tiny_eval
     page = write_report(result, tmp_path / "out", tiny_run)
@@ -224,8 +224,8 @@ def test_report_is_self_contained(tiny_eval, tiny_run, tmp_path):
 
 
 def test_compare_table(tmp_path, capsys):
-    from vlmtune.cli import main
-    from vlmtune.eval.report import compare_table
+    from phiclip_cli import main
+    from evaluation.report import compare_table
 
     for name, score, types in (("run-a", 0.5, {"colour": 0.25}), ("run-b", 0.75, {"count": 1.0})):
         folder = tmp_path / name / "eval" / "shapes"
@@ -244,7 +244,7 @@ def test_compare_table(tmp_path, capsys):
 
 
 def test_eval_cli(tiny_run, tmp_path, capsys):
-    from vlmtune.cli import main
+    from phiclip_cli import main
 
     data, images = _eval_set(tmp_path)
     out = tmp_path / "out"
@@ -259,7 +259,7 @@ def test_eval_cli(tiny_run, tmp_path, capsys):
 
 
 def test_score_answers_yesno_and_caption():
-    from vlmtune.eval.evaluate import EvalItem, score_answers
+    from evaluation.evaluate import EvalItem, score_answers
 
     def items(refs):
         return [EvalItem(id=str(i), messages=[{"role": "user", "content": "Q?"}], references=[ref], question_type="pope")

@@ -24,8 +24,8 @@ ATOL = 1e-4
 def _processor(tokenizer, clip_dir: Path, strategy: str, system_prompt: str | None = None):
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
 
-    from vlmtune.export.checkpoint import make_processor
-    from vlmtune.model.build import count_image_tokens
+    from export.checkpoint import make_processor
+    from train.build import count_image_tokens
 
     tokenizer = load_tokenizer_like(tokenizer)
     image_processor = AutoImageProcessor.from_pretrained(clip_dir)
@@ -36,8 +36,8 @@ def _processor(tokenizer, clip_dir: Path, strategy: str, system_prompt: str | No
 
 
 def load_tokenizer_like(tokenizer):
-    """Add <image> and a pad token the way vlmtune's build does."""
-    from vlmtune.model.build import IMAGE_TOKEN
+    """Add <image> and a pad token the way phiclip's build does."""
+    from train.build import IMAGE_TOKEN
 
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -46,9 +46,9 @@ def load_tokenizer_like(tokenizer):
     return tokenizer
 
 
-def _vlmtune_ids(tokenizer, messages, n_image_tokens, system_prompt=None):
+def _phiclip_ids(tokenizer, messages, n_image_tokens, system_prompt=None):
     """What VisionChat.prompt_ids renders (placeholder first in the first user turn)."""
-    from vlmtune.data.template import encode_prompt
+    from train.template import encode_prompt
 
     messages = [dict(m) for m in messages]
     if system_prompt is not None and messages[0]["role"] != "system":
@@ -58,14 +58,14 @@ def _vlmtune_ids(tokenizer, messages, n_image_tokens, system_prompt=None):
 
 @pytest.mark.parametrize("family", ["chatml", "phi3"])
 @pytest.mark.parametrize("strategy", ["default", "full"])
-def test_processor_matches_vlmtune_prompt(smol_tokenizer_dir, tiny_clip_dir, family, strategy):
+def test_processor_matches_phiclip_prompt(smol_tokenizer_dir, tiny_clip_dir, family, strategy):
     tok = tokenizer_with_template(smol_tokenizer_dir, family)
     processor, n = _processor(tok, tiny_clip_dir, strategy)
     image = Image.new("RGB", (40, 40), (200, 30, 30))
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it? "}]}]
     text = processor.apply_chat_template(parts, add_generation_prompt=True)
     ids = processor(images=[image], text=text, return_tensors="pt")["input_ids"][0].tolist()
-    expected = _vlmtune_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat colour is it?"}], n)
+    expected = _phiclip_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat colour is it?"}], n)
     assert ids == expected
     assert ids.count(processor.image_token_id) == n
     # Text-only: content parts and a plain string render alike, as the LM's own template does.
@@ -73,7 +73,7 @@ def test_processor_matches_vlmtune_prompt(smol_tokenizer_dir, tiny_clip_dir, fam
     as_parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
     rendered = processor.apply_chat_template(plain, add_generation_prompt=True)
     assert rendered == processor.apply_chat_template(as_parts, add_generation_prompt=True)
-    assert processor.tokenizer(rendered, add_special_tokens=False)["input_ids"] == _vlmtune_ids(processor.tokenizer, plain, 0)
+    assert processor.tokenizer(rendered, add_special_tokens=False)["input_ids"] == _phiclip_ids(processor.tokenizer, plain, 0)
 
 
 def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_dir):
@@ -84,7 +84,7 @@ def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_di
     text = processor.apply_chat_template(parts, add_generation_prompt=True)
     assert text.startswith("<|system|>\nAnswer briefly.<|end|>\n<|user|>\n<image>\nWhich shape?")
     ids = processor(images=[Image.new("RGB", (32, 32))], text=text)["input_ids"][0]
-    expected = _vlmtune_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhich shape?"}], n,
+    expected = _phiclip_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhich shape?"}], n,
                             system_prompt="Answer briefly.")
     assert list(ids) == expected
     # A conversation that brings its own system turn keeps it.
@@ -93,7 +93,7 @@ def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_di
 
 
 def test_wrap_rejects_missing_template():
-    from vlmtune.export.template import wrap_chat_template
+    from export.template import wrap_chat_template
 
     with pytest.raises(ValueError, match="no chat template"):
         wrap_chat_template(None)
@@ -103,7 +103,7 @@ def test_wrap_rejects_missing_template():
 
 
 def _fake_run(tmp_path: Path, **model) -> Path:
-    from vlmtune.config import ModelConfig, RunConfig
+    from train.config import ModelConfig, RunConfig
 
     run = tmp_path / "run"
     (run / "processor").mkdir(parents=True)
@@ -112,8 +112,8 @@ def _fake_run(tmp_path: Path, **model) -> Path:
 
 
 def test_export_refuses_pooled_features(tmp_path, capsys):
-    from vlmtune.cli import main
-    from vlmtune.export.checkpoint import ExportError, export_run
+    from phiclip_cli import main
+    from export.checkpoint import ExportError, export_run
 
     run = _fake_run(tmp_path, image_features="pooled")
     with pytest.raises(ExportError, match="pooled"):
@@ -124,9 +124,9 @@ def test_export_refuses_pooled_features(tmp_path, capsys):
 
 
 def test_export_refuses_non_run_and_existing_out(tmp_path, tiny_run):
-    from vlmtune.export.checkpoint import export_run
+    from export.checkpoint import export_run
 
-    with pytest.raises(FileNotFoundError, match="not a vlmtune run"):
+    with pytest.raises(FileNotFoundError, match="not a phiclip run"):
         export_run(tmp_path, tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
@@ -142,7 +142,7 @@ def test_export_refuses_non_run_and_existing_out(tmp_path, tiny_run):
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> Path:
-    from vlmtune.cli import main
+    from phiclip_cli import main
 
     out = tmp_path_factory.mktemp("export") / "llava"
     assert main(["export", str(tiny_run), str(out)]) == 0
@@ -153,7 +153,7 @@ def test_export_layout_and_weight_names(exported, tiny_run):
     from safetensors import safe_open
 
     for name in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json",
-                 "preprocessor_config.json", "tokenizer.json", "chat_template.jinja", "vlmtune_export.json"):
+                 "preprocessor_config.json", "tokenizer.json", "chat_template.jinja", "phiclip_export.json"):
         assert (exported / name).is_file(), name
     with safe_open(str(exported / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -164,7 +164,7 @@ def test_export_layout_and_weight_names(exported, tiny_run):
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     assert "quantization_config" not in config
-    info = json.loads((exported / "vlmtune_export.json").read_text())
+    info = json.loads((exported / "phiclip_export.json").read_text())
     assert info["lora_merged"] is True and info["n_image_tokens"] == config["image_seq_length"]
     processor_config = json.loads((exported / "processor_config.json").read_text())
     assert processor_config["patch_size"] == config["vision_config"]["patch_size"]
@@ -206,14 +206,14 @@ FRESH = textwrap.dedent(
                                              {"type": "text", "text": "Is it bright?"}]}]
     answer = pipe(text=messages, max_new_tokens=3, return_full_text=False)
     results["pipeline"] = answer[0]["generated_text"]
-    results["vlmtune_imported"] = any(m == "vlmtune" or m.startswith("vlmtune.") for m in sys.modules)
+    results["phiclip_imported"] = any(m == "phiclip" or m.startswith("phiclip.") for m in sys.modules)
     json.dump(results, open(result_path, "w"))
     """
 )
 
 
 def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
-    from vlmtune.infer.chat import VisionChat
+    from chat.assistant import VisionChat
 
     image_path = write_image(tmp_path / "probe.png", seed=7, size=40)
     result_path = tmp_path / "fresh.json"
@@ -222,7 +222,7 @@ def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(result_path.read_text())
     fresh_logits = torch.load(str(result_path) + ".pt")
-    assert fresh["vlmtune_imported"] is False
+    assert fresh["phiclip_imported"] is False
     assert fresh["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert isinstance(fresh["pipeline"], str)
     assert fresh["lmms_style_same"] is True
@@ -246,7 +246,7 @@ def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
 
 
 def test_export_qlora_run_rebuilds_full_precision(tiny_run, tmp_path):
-    from vlmtune.export.checkpoint import export_run
+    from export.checkpoint import export_run
 
     run = tmp_path / "qlora-run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
@@ -254,7 +254,7 @@ def test_export_qlora_run_rebuilds_full_precision(tiny_run, tmp_path):
     cfg["lora"]["quantize"] = "nf4"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = export_run(run, tmp_path / "out", dtype="bfloat16")
-    info = json.loads((out / "vlmtune_export.json").read_text())
+    info = json.loads((out / "phiclip_export.json").read_text())
     assert info["base_dequantized_from"] == "nf4" and info["dtype"] == "bfloat16"
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
@@ -277,7 +277,7 @@ def test_checkpoint_names_round_trip(tmp_path, tower):
         SiglipVisionConfig,
     )
 
-    from vlmtune.export.checkpoint import checkpoint_state, write_safetensors
+    from export.checkpoint import checkpoint_state, write_safetensors
 
     torch.manual_seed(0)
     vision_args = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vlmtune.config import ModelConfig
-from vlmtune.infer.chat import GenerationSettings, VisionChat
-from vlmtune.model.build import build_model
-from vlmtune.model.weights import PROJECTOR_FILE, load_trainable
+from train.config import ModelConfig
+from chat.assistant import GenerationSettings, VisionChat
+from train.build import build_model
+from train.weights import PROJECTOR_FILE, load_trainable
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_pooled_single_token_variant_trains_and_reloads(tmp_path, tiny_llama_dir
         CLIPVisionModelWithProjection,
     )
 
-    from vlmtune.train.run import train
+    from train.run import train
 
     torch.manual_seed(1)
     clip = tmp_path / "clip-with-projection"

@@ -1,4 +1,4 @@
-"""Tests for ``vlmtune prepare llava-instruct`` against a local HTTP server (no internet)."""
+"""Tests for ``phiclip prepare llava-instruct`` against a local HTTP server (no internet)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmtune.data import prepare
+from prepare import prepare
 
 JSON_NAME = "llava_instruct_150k.json"
 MIX_NAME = "llava_v1_5_mix665k.json"
@@ -195,7 +195,7 @@ def data(server, monkeypatch):
     monkeypatch.setitem(prepare.KNOWN_FILES, JSON_NAME, (len(json_bytes), _sha(json_bytes)))
     monkeypatch.setitem(prepare.KNOWN_FILES, "train2017.zip", (len(zip_bytes), _sha(zip_bytes)))
     monkeypatch.setattr(prepare, "RETRY_BACKOFF_S", 0.0)
-    for var in ("VLMTUNE_HUB_URL", "VLMTUNE_COCO_URL", "HF_ENDPOINT"):
+    for var in ("PHICLIP_HUB_URL", "PHICLIP_COCO_URL", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     return {"json": json_bytes, "zip": zip_bytes, "records": records}
 
@@ -212,7 +212,7 @@ def _run(server, out: Path, **kw) -> prepare.PrepareSummary:
 
 
 def test_registry_real_urls(monkeypatch):
-    for var in ("VLMTUNE_HUB_URL", "VLMTUNE_COCO_URL", "HF_ENDPOINT"):
+    for var in ("PHICLIP_HUB_URL", "PHICLIP_COCO_URL", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     js, coco = prepare.llava_instruct_sources("150k")
     assert js.url == (
@@ -224,7 +224,7 @@ def test_registry_real_urls(monkeypatch):
     (mix,) = prepare.llava_instruct_sources("mix665k", skip_images=True)
     assert mix.url.endswith("/resolve/main/llava_v1_5_mix665k.json")
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
-    monkeypatch.setenv("VLMTUNE_COCO_URL", "https://coco.example/zips")
+    monkeypatch.setenv("PHICLIP_COCO_URL", "https://coco.example/zips")
     js, coco = prepare.llava_instruct_sources("150k")
     assert js.url.startswith("https://mirror.example/datasets/")
     assert coco.url == "https://coco.example/zips/train2017.zip"
@@ -509,7 +509,7 @@ def test_mix665k_variant(server, data, tmp_path, monkeypatch, capsys):
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vlmtune")
+    parser = argparse.ArgumentParser(prog="phiclip")
     sub = parser.add_subparsers(dest="command", required=True)
     prepare.add_subparser(sub)
     return parser.parse_args(argv)
@@ -531,7 +531,7 @@ def test_cli_through_add_subparser(server, data, tmp_path, capsys):
 
 
 def test_cli_env_urls_and_skip_images(server, data, tmp_path, monkeypatch):
-    monkeypatch.setenv("VLMTUNE_HUB_URL", server.url + HUB_PREFIX)
+    monkeypatch.setenv("PHICLIP_HUB_URL", server.url + HUB_PREFIX)
     args = _cli(["prepare", "llava-instruct", "--out", str(tmp_path / "o"), "--skip-images"])
     assert args.func(args) == 0
     assert server.requests_for(ZIP_PATH) == []

@@ -9,9 +9,9 @@ import pytest
 from helpers import write_image
 from PIL import Image
 
-from vlmtune.data.check import check_dataset
-from vlmtune.data.images import ImageResolver, open_image
-from vlmtune.data.records import read_records
+from train.check import check_dataset
+from train.images import ImageResolver, open_image
+from train.records import read_records
 
 
 def conv(q="<image>\nWhat?", a="A thing."):
@@ -88,7 +88,7 @@ def test_check_reports_every_bad_record(bad_data):
 def test_data_check_cli_prints_report(bad_data):
     path, images = bad_data
     out = subprocess.run(
-        [sys.executable, "-m", "vlmtune.cli", "data", "check", str(path), "--images", str(images)],
+        [sys.executable, "-m", "phiclip_cli", "data", "check", str(path), "--images", str(images)],
         capture_output=True, text=True, check=True,
     ).stdout
     assert "18 records read, 3 kept" in out
@@ -137,7 +137,7 @@ def test_transparent_pixels_become_white(tmp_path):
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    from vlmtune.data import images
+    from train import images
 
     path = write_image(tmp_path / "big.png", 0, size=100)
     monkeypatch.setattr(images, "MAX_PIXELS", 5000)
@@ -156,7 +156,7 @@ def test_coco_names_resolve_both_ways(tmp_path, on_disk):
 
 
 def test_data_stats_counts_records_turns_and_long_ones(toy_data, tiny_llama_dir):
-    from vlmtune.data.stats import dataset_stats
+    from train.stats import dataset_stats
 
     path, _ = toy_data
     text = dataset_stats(path, tokenizer=str(tiny_llama_dir), max_length=45)

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtune.infer.chat import GenerationSettings, VisionChat
-from vlmtune.serve.config import ServeConfig
-from vlmtune.serve.engine import REFINE_PROMPT, Engine, Job
-from vlmtune.serve.errors import ServeError
-from vlmtune.serve.postprocess import clean
-from vlmtune.serve.server import build_app, load_engine, load_transcriber
-from vlmtune.serve.testing import LiveServer, build_tiny_run, tiny_backbones
+from chat.assistant import GenerationSettings, VisionChat
+from serve.config import ServeConfig
+from serve.engine import REFINE_PROMPT, Engine, Job
+from serve.errors import ServeError
+from serve.postprocess import clean
+from serve.server import build_app, load_engine, load_transcriber
+from serve.testing import LiveServer, build_tiny_run, tiny_backbones
 
 MAX_UPLOAD_MB = 2.0
 
@@ -92,12 +92,12 @@ def image_message(text: str, data: bytes | None = None) -> dict:
 
 def chat(client, messages, **extra) -> httpx.Response:
     return client.post(
-        "/v1/chat/completions", json={"model": "vlmtune", "messages": messages, "max_tokens": 8, **extra}
+        "/v1/chat/completions", json={"model": "phiclip", "messages": messages, "max_tokens": 8, **extra}
     )
 
 
 def stream_chunks(client, messages, **extra) -> tuple[list[dict], list[str]]:
-    body = {"model": "vlmtune", "messages": messages, "max_tokens": 8, "stream": True, **extra}
+    body = {"model": "phiclip", "messages": messages, "max_tokens": 8, "stream": True, **extra}
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -117,7 +117,7 @@ def test_image_question_uses_the_fine_tuned_model(client, reference):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "chat.completion"
-    assert body["vlmtune"]["route"] == "vision"
+    assert body["phiclip"]["route"] == "vision"
     expected = reference.answer(
         [{"role": "user", "content": "Is it bright?"}], Image.open(io.BytesIO(png_bytes())), GREEDY
     )
@@ -129,7 +129,7 @@ def test_image_question_uses_the_fine_tuned_model(client, reference):
 def test_text_question_uses_the_base_lm_with_the_adapter_disabled(client, reference):
     messages = [{"role": "user", "content": "Tell me about the sea."}]
     body = chat(client, messages).json()
-    assert body["vlmtune"]["route"] == "text"
+    assert body["phiclip"]["route"] == "text"
     with reference.model.disable_adapter():  # the base LM, explicitly
         ids = torch_ids(reference, messages)
         out = reference.model.generate(**ids, **GREEDY.kwargs(), pad_token_id=reference.tokenizer.pad_token_id)
@@ -173,14 +173,14 @@ def test_stream_reassembles_to_the_plain_answer(client, with_image):
 
 def test_refine_pass_rewrites_the_image_answer_with_the_base_lm(client, reference):
     body = chat(client, [image_message("Is it bright?")], refine=True).json()
-    draft = body["vlmtune"]["draft"]
+    draft = body["phiclip"]["draft"]
     assert draft == reference.answer(
         [{"role": "user", "content": "Is it bright?"}], Image.open(io.BytesIO(png_bytes())), GREEDY
     )
     prompt = [{"role": "user", "content": REFINE_PROMPT.format(question="Is it bright?", answer=draft)}]
     assert body["choices"][0]["message"]["content"] == reference.answer(prompt, None, GREEDY)
     # text-only questions have nothing to refine
-    assert chat(client, [{"role": "user", "content": "Hi"}], refine=True).json()["vlmtune"]["draft"] is None
+    assert chat(client, [{"role": "user", "content": "Hi"}], refine=True).json()["phiclip"]["draft"] is None
 
 
 def test_postprocess_applies_to_plain_and_streamed_answers(client, reference):
@@ -194,7 +194,7 @@ def test_postprocess_applies_to_plain_and_streamed_answers(client, reference):
 
 
 def _options(flags):
-    from vlmtune.serve.postprocess import Options
+    from serve.postprocess import Options
 
     return Options(clean=flags.get("postprocess", False), drop_punctuation=flags.get("drop_punctuation", False))
 
@@ -226,66 +226,66 @@ USER = {"role": "user", "content": "Is it bright?"}
 TOO_BIG = int(MAX_UPLOAD_MB * 1024 * 1024 * 1.4)
 
 BAD_CHAT = [
-    ("malformed JSON", b'{"model": "vlmtune", "messages": [', 400, "malformed JSON"),
+    ("malformed JSON", b'{"model": "phiclip", "messages": [', 400, "malformed JSON"),
     ("empty body", b"", 400, "body is empty"),
     ("not an object", b"[1, 2]", 400, "must be a JSON object"),
     ("not UTF-8", b'{"model": "\xff\xfe"}', 400, "not UTF-8"),
-    ("missing messages", {"model": "vlmtune"}, 400, "missing required field: messages"),
+    ("missing messages", {"model": "phiclip"}, 400, "missing required field: messages"),
     ("missing model", {"messages": [USER]}, 400, "missing required field: model"),
     ("unknown model", {"model": "gpt-9", "messages": [USER]}, 404, "'gpt-9' does not exist"),
-    ("messages not a list", {"model": "vlmtune", "messages": "hi"}, 400, "messages must be an array"),
-    ("no messages", {"model": "vlmtune", "messages": []}, 400, "messages is empty"),
-    ("missing content", {"model": "vlmtune", "messages": [{"role": "user"}]}, 400, "messages[0].content is missing"),
-    ("bad role", {"model": "vlmtune", "messages": [{"role": "robot", "content": "x"}]}, 400, "role must be"),
-    ("empty question", {"model": "vlmtune", "messages": [{"role": "user", "content": "  "}]}, 400, "question is empty"),
+    ("messages not a list", {"model": "phiclip", "messages": "hi"}, 400, "messages must be an array"),
+    ("no messages", {"model": "phiclip", "messages": []}, 400, "messages is empty"),
+    ("missing content", {"model": "phiclip", "messages": [{"role": "user"}]}, 400, "messages[0].content is missing"),
+    ("bad role", {"model": "phiclip", "messages": [{"role": "robot", "content": "x"}]}, 400, "role must be"),
+    ("empty question", {"model": "phiclip", "messages": [{"role": "user", "content": "  "}]}, 400, "question is empty"),
     (
         "last turn not user",
-        {"model": "vlmtune", "messages": [USER, {"role": "assistant", "content": "x"}]},
+        {"model": "phiclip", "messages": [USER, {"role": "assistant", "content": "x"}]},
         400,
         "last message must be the user's",
     ),
     (
         "unknown part type",
-        {"model": "vlmtune", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+        {"model": "phiclip", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
         400,
         "'video' is not supported",
     ),
     (
         "max_tokens type",
-        {"model": "vlmtune", "messages": [USER], "max_tokens": "ten"},
+        {"model": "phiclip", "messages": [USER], "max_tokens": "ten"},
         400,
         "max_tokens must be an integer",
     ),
-    ("max_tokens range", {"model": "vlmtune", "messages": [USER], "max_tokens": 0}, 400, "max_tokens must be between"),
+    ("max_tokens range", {"model": "phiclip", "messages": [USER], "max_tokens": 0}, 400, "max_tokens must be between"),
     (
         "temperature range",
-        {"model": "vlmtune", "messages": [USER], "temperature": 5},
+        {"model": "phiclip", "messages": [USER], "temperature": 5},
         400,
         "temperature must be between",
     ),
-    ("n > 1", {"model": "vlmtune", "messages": [USER], "n": 2}, 400, "only n=1"),
+    ("n > 1", {"model": "phiclip", "messages": [USER], "n": 2}, 400, "only n=1"),
     (
         "not an image",
-        {"model": "vlmtune", "messages": [image_message("What?", b"hello, I am text")]},
+        {"model": "phiclip", "messages": [image_message("What?", b"hello, I am text")]},
         415,
         "not an image",
     ),
     (
         "corrupt image",
-        {"model": "vlmtune", "messages": [image_message("What?", png_bytes()[:200])]},
+        {"model": "phiclip", "messages": [image_message("What?", png_bytes()[:200])]},
         400,
         "corrupt or truncated",
     ),
     (
         "huge pixel dimensions",
-        {"model": "vlmtune", "messages": [image_message("What?", huge_png())]},
+        {"model": "phiclip", "messages": [image_message("What?", huge_png())]},
         413,
         "too many pixels",
     ),
     (
         "remote image URL",
         {
-            "model": "vlmtune",
+            "model": "phiclip",
             "messages": [
                 {
                     "role": "user",
@@ -302,7 +302,7 @@ BAD_CHAT = [
     (
         "bad base64",
         {
-            "model": "vlmtune",
+            "model": "phiclip",
             "messages": [
                 {
                     "role": "user",
@@ -319,7 +319,7 @@ BAD_CHAT = [
     (
         "two images",
         {
-            "model": "vlmtune",
+            "model": "phiclip",
             "messages": [image_message("A?"), {"role": "assistant", "content": "x"}, image_message("B?", png_bytes(1))],
         },
         400,
@@ -327,13 +327,13 @@ BAD_CHAT = [
     ),
     (
         "prompt longer than the context",
-        {"model": "vlmtune", "messages": [{"role": "user", "content": "word " * 2000}]},
+        {"model": "phiclip", "messages": [{"role": "user", "content": "word " * 2000}]},
         422,
         "the model's context is 512 tokens",
     ),
     (
         "image too large (bytes)",
-        {"model": "vlmtune", "messages": [image_message("What?", b"\x89PNG" + bytes(TOO_BIG))]},
+        {"model": "phiclip", "messages": [image_message("What?", b"\x89PNG" + bytes(TOO_BIG))]},
         413,
         "limit",
     ),
@@ -362,7 +362,7 @@ def test_bad_chat_requests_get_a_clear_4xx_and_the_server_keeps_serving(client, 
 
 
 def test_bad_streaming_request_is_refused_before_the_stream_starts(client):
-    body = {"model": "vlmtune", "stream": True, "messages": [{"role": "user", "content": "word " * 2000}]}
+    body = {"model": "phiclip", "stream": True, "messages": [{"role": "user", "content": "word " * 2000}]}
     assert_openai_error(client.post("/v1/chat/completions", json=body), 422, "context")
 
 
@@ -404,7 +404,7 @@ def test_spoken_question_in_a_chat_request(client, tmp_path, reference):
     wav = espeak_wav("Please open the window in the kitchen.", tmp_path / "q.wav")
     part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
     body = chat(client, [{"role": "user", "content": [part]}]).json()
-    assert body["vlmtune"]["route"] == "text"
+    assert body["phiclip"]["route"] == "text"
     spoken = [{"role": "user", "content": "Please open the window in the kitchen."}]
     assert body["choices"][0]["message"]["content"] == reference.answer(spoken, None, GREEDY)
 
@@ -446,7 +446,7 @@ def test_health_answers_while_a_generation_runs(server, client):
 
     def long_answer() -> None:
         body = {
-            "model": "vlmtune",
+            "model": "phiclip",
             "stream": True,
             "max_tokens": 470,
             "messages": [{"role": "user", "content": "Write a long story."}],
@@ -509,10 +509,10 @@ def test_demo_run_answers_image_and_text_questions():
     import os
     from pathlib import Path
 
-    run = os.environ.get("VLMTUNE_DEMO_RUN") or str(Path(__file__).resolve().parents[1] / "runs" / "demo")
+    run = os.environ.get("PHICLIP_DEMO_RUN") or str(Path(__file__).resolve().parents[1] / "runs" / "demo")
     if not (Path(run) / "config.yaml").is_file():
-        pytest.skip(f"no demo run at {run} (make demo, or set VLMTUNE_DEMO_RUN)")
-    from vlmtune.data.shapes import render_scene, sample_scene
+        pytest.skip(f"no demo run at {run} (make demo, or set PHICLIP_DEMO_RUN)")
+    from demo.shapes import render_scene, sample_scene
 
     config = ServeConfig(ui=False, whisper_model=None)
     engine = load_engine(run, config)
@@ -522,20 +522,20 @@ def test_demo_run_answers_image_and_text_questions():
     try:
         with LiveServer(build_app(engine, None, config)) as live, httpx.Client(base_url=live.url, timeout=300) as c:
             image = chat(c, [image_message("What color is the shape?", buf.getvalue())], max_tokens=16).json()
-            assert image["vlmtune"]["route"] == "vision" and image["choices"][0]["message"]["content"].strip()
+            assert image["phiclip"]["route"] == "vision" and image["choices"][0]["message"]["content"].strip()
             text = chat(c, [{"role": "user", "content": "What is the capital of France?"}], max_tokens=16).json()
             expected = engine.chats[0].answer(
                 [{"role": "user", "content": "What is the capital of France?"}],
                 None,
                 GenerationSettings(max_new_tokens=16),
             )
-            assert text["vlmtune"]["route"] == "text" and text["choices"][0]["message"]["content"] == expected
+            assert text["phiclip"]["route"] == "text" and text["choices"][0]["message"]["content"] == expected
     finally:
         engine.close()
 
 
 def test_client_leaving_mid_stream_does_not_hurt_the_server(server, client):
-    body = {"model": "vlmtune", "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "Go."}]}
+    body = {"model": "phiclip", "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "Go."}]}
     with httpx.Client(base_url=server.url, timeout=60) as other:
         with other.stream("POST", "/v1/chat/completions", json=body) as response:
             next(response.iter_lines())  # read the first chunk, then hang up
@@ -544,6 +544,6 @@ def test_client_leaving_mid_stream_does_not_hurt_the_server(server, client):
     while client.get("/health").json()["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert client.get("/health").json() | {"served": 0} == {
-        "status": "ok", "model": "vlmtune", "speech": _has_whisper(), "running": 0, "waiting": 0, "concurrency": 1,
+        "status": "ok", "model": "phiclip", "speech": _has_whisper(), "running": 0, "waiting": 0, "concurrency": 1,
         "served": 0,
     }

@@ -1,14 +1,14 @@
-"""`vlmtune serve` options (parsing only; the server itself is tested in test_serve_api)."""
+"""`phiclip serve` options (parsing only; the server itself is tested in test_serve_api)."""
 
 from __future__ import annotations
 
 import argparse
 
-from vlmtune.serve.cli import add_subparser, config_from_args, run
+from serve.cli import add_subparser, config_from_args, run
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vlmtune")
+    parser = argparse.ArgumentParser(prog="phiclip")
     add_subparser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["serve", *argv])
 
@@ -49,4 +49,4 @@ def test_options():
 
 def test_not_a_run_directory_is_a_clear_error(tmp_path, capsys):
     assert run(parse(str(tmp_path))) == 2
-    assert "not a vlmtune run directory" in capsys.readouterr().err
+    assert "not a phiclip run directory" in capsys.readouterr().err

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtune.serve.errors import ServeError
-from vlmtune.serve.inputs import Limits, decode_data_url, decode_image, join_question
-from vlmtune.serve.schema import parse_chat, parse_json
-from vlmtune.serve.speech import sniff_format
+from serve.errors import ServeError
+from serve.inputs import Limits, decode_data_url, decode_image, join_question
+from serve.schema import parse_chat, parse_json
+from serve.speech import sniff_format
 
 LIMITS = Limits(max_upload_bytes=1024 * 1024, max_pixels=1_000_000)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vlmtune.serve.postprocess import Cleaner, Options, clean
+from serve.postprocess import Cleaner, Options, clean
 
 CASES = [
     # question, raw answer, cleaned, cleaned without punctuation

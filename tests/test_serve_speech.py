@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from vlmtune.serve.errors import ServeError
-from vlmtune.serve.inputs import Limits
+from serve.errors import ServeError
+from serve.inputs import Limits
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"),
@@ -70,7 +70,7 @@ def test_word_error_rate_function():
 
 @pytest.fixture(scope="module")
 def transcriber():
-    from vlmtune.serve.speech import Transcriber
+    from serve.speech import Transcriber
 
     return Transcriber(limits=Limits(max_audio_seconds=120)).load()
 
@@ -101,7 +101,7 @@ def test_recording_longer_than_30_seconds_is_transcribed_whole(transcriber, tmp_
 
 
 def test_recording_over_the_length_limit_is_refused(tmp_path):
-    from vlmtune.serve.speech import Transcriber
+    from serve.speech import Transcriber
 
     short = Transcriber(limits=Limits(max_audio_seconds=1.0))
     with pytest.raises(ServeError, match="longer than the limit of 1 s") as err:
@@ -113,7 +113,7 @@ def test_flac_decodes_to_the_same_samples_as_wav(tmp_path):
     import av
     import numpy as np
 
-    from vlmtune.serve.speech import decode_audio
+    from serve.speech import decode_audio
 
     wav = speak(SENTENCES[1], tmp_path / "s.wav")
     flac = tmp_path / "s.flac"

@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes dataset (vlmtune.data.shapes)."""
+"""Tests for the synthetic shapes dataset (demo.shapes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtune.data.shapes import (
+from demo.shapes import (
     ATTRIBUTES,
     COLORS,
     COUNTS,

@@ -5,8 +5,8 @@ import json
 import pytest
 from helpers import TEMPLATES, tokenizer_with_template
 
-from vlmtune.data.records import Turn
-from vlmtune.data.template import (
+from train.records import Turn
+from train.template import (
     IGNORE_INDEX,
     TemplateError,
     encode_conversation,

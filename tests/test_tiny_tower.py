@@ -1,4 +1,4 @@
-"""Tests for the tiny shapes-pretrained CLIP vision tower (vlmtune.model.tiny_tower)."""
+"""Tests for the tiny shapes-pretrained CLIP vision tower (demo.tiny_tower)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vlmtune.data.shapes import QUESTION_TYPES, render_scene, sample_scene
-from vlmtune.model.tiny_tower import (
+from demo.shapes import QUESTION_TYPES, render_scene, sample_scene
+from demo.tiny_tower import (
     IMAGE_MEAN,
     IMAGE_STD,
     pretrain_shapes_tower,

@@ -11,13 +11,13 @@ import torch
 from helpers import make_toy_data, tiny_config
 from safetensors.torch import load_file
 
-from vlmtune.config import load_config
-from vlmtune.data.dataset import LlavaDataset
-from vlmtune.data.images import ImageResolver
-from vlmtune.data.records import read_records
-from vlmtune.data.template import IGNORE_INDEX
-from vlmtune.model.build import build_model
-from vlmtune.train.run import train
+from train.config import load_config
+from train.dataset import LlavaDataset
+from train.images import ImageResolver
+from train.records import read_records
+from train.template import IGNORE_INDEX
+from train.build import build_model
+from train.run import train
 
 
 def losses(run_dir):
@@ -68,7 +68,7 @@ def test_qlora_step_on_cpu(tmp_path, tiny_llama_dir, tiny_clip_dir):
     run = train(cfg)
     curve = losses(run)
     assert len(curve) == 2 and all(torch.isfinite(torch.tensor(curve)))
-    from vlmtune.infer.chat import VisionChat
+    from chat.assistant import VisionChat
 
     chat = VisionChat.from_run(run)
     linear_types = {type(m).__name__ for m in chat.model.modules()}
@@ -77,20 +77,20 @@ def test_qlora_step_on_cpu(tmp_path, tiny_llama_dir, tiny_clip_dir):
 
 CRASH_HOOK = """
 from transformers import TrainerCallback
-import vlmtune.train.trainer as T
+import train.trainer as T
 
 class Crash(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         if state.global_step >= CRASH_AFTER:
             os.kill(os.getpid(), signal.SIGKILL)
 
-_init = T.VlmTrainer.__init__
+_init = T.PhiClipTrainer.__init__
 
 def init(self, *a, **k):
     _init(self, *a, **k)
     self.add_callback(Crash())
 
-T.VlmTrainer.__init__ = init
+T.PhiClipTrainer.__init__ = init
 """
 
 
@@ -98,8 +98,8 @@ def _train_script(cfg_path, crash_after: int | None) -> str:
     lines = [
         "import os, signal, sys, torch",
         "torch.set_num_threads(1)",
-        "from vlmtune.config import load_config",
-        "from vlmtune.train.run import train",
+        "from train.config import load_config",
+        "from train.run import train",
     ]
     if crash_after is not None:
         lines += [f"CRASH_AFTER = {crash_after}", CRASH_HOOK]
@@ -154,8 +154,8 @@ def test_continued_round_starts_from_and_keeps_earlier_weights(tmp_path, tiny_ru
 
 
 def test_validation_split_is_stable_and_disjoint(tmp_path, tiny_llama_dir, tiny_clip_dir):
-    from vlmtune.data.records import Record, Turn
-    from vlmtune.train.run import split_records
+    from train.records import Record, Turn
+    from train.run import split_records
 
     records = [Record(id=f"id{i}", turns=[Turn("user", "q"), Turn("assistant", "a")]) for i in range(200)]
     records += read_records(make_toy_data(tmp_path)[0])[0]

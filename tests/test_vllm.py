@@ -1,7 +1,7 @@
 """Serve an export with vLLM's CPU build and ask it one image and one text question.
 
 Needs the vLLM venv that ``scripts/vllm_setup.sh`` makes (``.venv-vllm``, or ``VLLM_VENV``);
-skipped without it. Exports the demo run when ``VLMTUNE_DEMO_RUN`` names one, else a tiny
+skipped without it. Exports the demo run when ``PHICLIP_DEMO_RUN`` names one, else a tiny
 run whose LM has a head size vLLM's CPU attention supports (32; the shared tiny LM's 16 is
 not). Startup takes minutes (torch.compile warm-up): deselect with ``-m "not vllm"``.
 """
@@ -53,7 +53,7 @@ def _post(url: str, body: dict) -> dict:
 def _vllm_ready_run(root: Path, smol_tokenizer_dir: Path, clip_dir: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vlmtune.train.run import train
+    from train.run import train
 
     tok = tokenizer_with_template(smol_tokenizer_dir, "chatml")
     torch.manual_seed(0)
@@ -76,15 +76,15 @@ def _vllm_ready_run(root: Path, smol_tokenizer_dir: Path, clip_dir: Path) -> Pat
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smol_tokenizer_dir, tiny_clip_dir):
-    from vlmtune.export.checkpoint import export_run
+    from export.checkpoint import export_run
 
     root = tmp_path_factory.mktemp("vllm")
-    demo = os.environ.get("VLMTUNE_DEMO_RUN")
+    demo = os.environ.get("PHICLIP_DEMO_RUN")
     run = Path(demo) if demo else _vllm_ready_run(root, smol_tokenizer_dir, tiny_clip_dir)
     out = export_run(run, root / "export", dtype="float32")
     port = _free_port()
     # float32 on both sides for the logit comparison (vLLM's CPU default for "auto" is bfloat16).
-    env = dict(os.environ, PORT=str(port), SERVED_NAME="vlmtune-test", VLLM_CPU_KVCACHE_SPACE="1", VLLM_DTYPE="float32",
+    env = dict(os.environ, PORT=str(port), SERVED_NAME="phiclip-test", VLLM_CPU_KVCACHE_SPACE="1", VLLM_DTYPE="float32",
                VLLM_MAX_MODEL_LEN="512" if not demo else "2048", VLLM_VENV=str(VENV))
     log = root / "vllm.log"
     with log.open("w") as sink:
@@ -138,13 +138,13 @@ def test_vllm_serves_export(served, tmp_path):
     url = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
     question = "What colour is the shape?"
     image_reply = _post(base + "/v1/chat/completions", {
-        "model": "vlmtune-test",
+        "model": "phiclip-test",
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                   {"type": "text", "text": question}]}],
         "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 5,
     })
     text_reply = _post(base + "/v1/chat/completions", {
-        "model": "vlmtune-test", "messages": [{"role": "user", "content": "Say hello."}],
+        "model": "phiclip-test", "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": 4, "temperature": 0,
     })
     assert isinstance(image_reply["choices"][0]["message"]["content"], str)

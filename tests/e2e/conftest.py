@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 
-from vlmtune.serve.config import ServeConfig
-from vlmtune.serve.server import build_app, load_engine, load_transcriber
-from vlmtune.serve.testing import LiveServer, build_tiny_run, tiny_backbones
+from serve.config import ServeConfig
+from serve.server import build_app, load_engine, load_transcriber
+from serve.testing import LiveServer, build_tiny_run, tiny_backbones
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,74 @@
+"""``phiclip eval``: score a run on an eval set, or compare earlier evaluations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from evaluation.metrics import METRICS
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from evaluation.report import compare_table
+
+    if args.compare:
+        if args.run_dir or args.data:
+            raise ValueError("--compare takes run directories or metrics.json files only, no RUN_DIR DATA")
+        print(compare_table(args.compare))
+        return 0
+    if not args.run_dir or not args.data:
+        raise ValueError("give RUN_DIR and DATA (or --compare A B ...)")
+
+    from evaluation.evaluate import evaluate_run
+    from evaluation.report import write_report
+    from chat.assistant import VisionChat
+
+    run_dir, data = Path(args.run_dir), Path(args.data)
+    images = args.images if args.images is not None else str(data.parent)
+    out = Path(args.out) if args.out else run_dir / "eval" / data.stem
+    chat = VisionChat.from_run(run_dir)
+    try:
+        result = evaluate_run(
+            chat,
+            data,
+            images,
+            metric=args.metric,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            prompt_suffix=args.prompt_suffix,
+        )
+    except ImportError as err:  # caption metrics without pycocoevalcap: a message, not a traceback
+        raise ValueError(str(err)) from err
+    result.metrics["run"] = str(run_dir)
+    page = write_report(result, out, run_dir)
+    if result.report.problems:
+        print(result.report.summary(show=10))
+    shown = {k: v for k, v in result.metrics.items() if k not in ("data", "images", "run", "prompt_suffix")}
+    print(json.dumps(shown, indent=1))
+    print(f"metrics: {out / 'metrics.json'}\nreport:  {page}")
+    return 0
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score a run on a LLaVA-format eval set (VQA, exact, caption, yes/no), or --compare evaluations",
+        description="Answer every item of DATA with the run and score the answers. Writes metrics.json, "
+        "answers.jsonl and a self-contained report.html.",
+    )
+    p.add_argument("run_dir", nargs="?", help="run directory")
+    p.add_argument("data", nargs="?", help="LLaVA JSON/JSONL eval set (gpt turn or 'answers' list as reference)")
+    p.add_argument("--images", default=None, help="images folder (default: the folder of DATA)")
+    p.add_argument("--metric", choices=METRICS, default="auto",
+                   help="auto: yesno if all references are yes/no, caption if long, vqa if several answers, else exact")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N usable items (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt-suffix", default="",
+                   help="appended to every question, e.g. 'Answer the question using a single word or phrase.'")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/eval/<DATA name>)")
+    p.add_argument("--compare", nargs="+", metavar="RUN_OR_METRICS",
+                   help="print one table from the metrics.json of these runs / eval folders / files")
+    p.set_defaults(func=_eval)

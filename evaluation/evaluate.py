@@ -1,0 +1,288 @@
+"""Evaluate a run on a LLaVA-format eval set: batched generation, then the metric.
+
+An eval item is a record's last human turn (with the conversation before it as history)
+and its reference answer(s): the gpt turn that follows it, or an ``answers`` list
+(VQAv2 style: strings, or objects with an ``answer`` key), which also lets the record end
+with the question. Items with and without an image are generated in separate batches
+(``VisionChat.answer_batch`` needs a batch to agree on that).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from train.images import ImageError, ImageResolver, open_image
+from train.records import (
+    IMAGE_PLACEHOLDER,
+    ROLES,
+    BadRecord,
+    Report,
+    parse_record,
+)
+from train.template import to_messages
+from evaluation import metrics as M
+
+
+@dataclass
+class EvalItem:
+    id: str
+    messages: list[dict[str, str]]  # history + the question, ending with a user turn
+    references: list[str]
+    image: Path | None = None
+    question_type: str | None = None
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    report: Report = field(default_factory=Report)
+
+
+def _raw_records(path: Path):
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        yield from enumerate(data)
+        return
+    for lineno, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield lineno, BadRecord(f"malformed JSON: {err.msg}")
+
+
+def _answers_field(raw: dict) -> list[str] | None:
+    answers = raw.get("answers")
+    if answers is None:
+        return None
+    if isinstance(answers, str):
+        answers = [answers]
+    out = []
+    for a in answers if isinstance(answers, list) else []:
+        if isinstance(a, dict):
+            a = a.get("answer")
+        if isinstance(a, str) and a.strip():
+            out.append(a)
+    if not out:
+        raise BadRecord("bad field: 'answers' holds no answer strings")
+    return out
+
+
+def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver) -> EvalItem:
+    if isinstance(raw, BadRecord):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadRecord(f"not an object: {type(raw).__name__}")
+    answers = _answers_field(raw)
+    convs = raw.get("conversations")
+    if isinstance(convs, list) and convs and isinstance(convs[-1], dict):
+        last_role = ROLES.get(convs[-1].get("from", convs[-1].get("role")))
+        if last_role == "user":
+            if answers is None:
+                raise BadRecord("no reference: the record ends with a question and has no 'answers' field")
+            # parse_record drops an unanswered last question; give it a stand-in answer to keep it.
+            raw = {**raw, "conversations": [*convs, {"from": "gpt", "value": answers[0]}]}
+    record = parse_record(raw, source, index)
+    turns = record.turns
+    references = answers if answers is not None else [turns[-1].content]
+    messages = to_messages(turns[:-1])
+    image = None
+    if record.image is not None:
+        try:
+            image = resolver.resolve(record.image)
+        except ImageError as err:
+            raise BadRecord(str(err)) from err
+    qtype = raw.get("question_type", raw.get("category"))
+    return EvalItem(
+        id=record.id,
+        messages=messages,
+        references=references,
+        image=image,
+        question_type=str(qtype) if qtype is not None else None,
+    )
+
+
+def load_eval_set(data: str | Path, images: str | Path | None = None, limit: int = 0) -> tuple[list[EvalItem], Report]:
+    """Eval items of a LLaVA JSON/JSONL file; unusable records are skipped and listed in the report."""
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval data not found: {path}")
+    resolver = ImageResolver(images or "")
+    report = Report()
+    items: list[EvalItem] = []
+    for index, raw in _raw_records(path):
+        if limit and len(items) >= limit:
+            break
+        report.n_read += 1
+        try:
+            items.append(_to_item(raw, str(path), index, resolver))
+            report.n_kept += 1
+        except BadRecord as err:
+            rid = raw.get("id", f"#{index}") if isinstance(raw, dict) else f"#{index}"
+            report.skip(str(path), str(rid), str(err))
+    return items, report
+
+
+def _with_suffix(messages: list[dict[str, str]], suffix: str) -> list[dict[str, str]]:
+    if not suffix:
+        return messages
+    last = dict(messages[-1])
+    last["content"] = f"{last['content']}\n{suffix}"
+    return [*messages[:-1], last]
+
+
+def generate_answers(chat, items: list[EvalItem], *, batch_size: int = 8, max_new_tokens: int = 32,
+                     prompt_suffix: str = "", report: Report | None = None, progress: bool = True) -> list[str | None]:
+    """One answer per item (``None`` where its image could not be opened), generated in batches."""
+    from chat.assistant import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    answers: list[str | None] = [None] * len(items)
+    with_image = [i for i, it in enumerate(items) if it.image is not None]
+    groups = [with_image, [i for i, it in enumerate(items) if it.image is None]]
+    bar = tqdm(total=len(items), desc="eval", unit="item", disable=not progress)
+    for group in groups:
+        # Similar lengths together: less left padding per batch.
+        group.sort(key=lambda i: sum(len(m["content"]) for m in items[i].messages))
+        for start in range(0, len(group), max(1, batch_size)):
+            batch = group[start:start + max(1, batch_size)]
+            images = []
+            keep = []
+            for i in batch:
+                if items[i].image is None:
+                    images.append(None)
+                    keep.append(i)
+                    continue
+                try:
+                    images.append(open_image(items[i].image))
+                    keep.append(i)
+                except ImageError as err:
+                    if report is not None:
+                        report.skip(str(items[i].image), items[i].id, str(err))
+            if keep:
+                conversations = [_with_suffix(items[i].messages, prompt_suffix) for i in keep]
+                for i, text in zip(keep, chat.answer_batch(conversations, images, settings)):
+                    answers[i] = text
+            bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+def score_answers(items: list[EvalItem], answers: list[str], metric: str = "auto") -> EvalResult:
+    """Metrics and per-item rows for answers already generated (``metric`` as in :func:`evaluate_run`)."""
+    if metric not in M.METRICS:
+        raise ValueError(f"metric '{metric}' is not one of {', '.join(M.METRICS)}")
+    if metric == "auto":
+        metric = M.choose_metric([it.references for it in items])
+    rows: list[dict[str, Any]] = []
+    for item, answer in zip(items, answers):
+        rows.append(
+            {
+                "id": item.id,
+                "question": item.question,
+                "answer": answer,
+                "references": item.references,
+                "image": str(item.image) if item.image is not None else None,
+                "question_type": item.question_type,
+                "exact_match": M.exact_match(answer, item.references),
+            }
+        )
+    out: dict[str, Any] = {"metric": metric, "n": len(rows)}
+    out["exact_match"] = sum(r["exact_match"] for r in rows) / len(rows) if rows else 0.0
+    if metric == "vqa":
+        for row in rows:
+            row["score"] = M.vqa_accuracy(row["answer"], row["references"])
+            row["correct"] = row["score"] > 0
+        out["vqa_accuracy"] = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
+        out["score"] = out["vqa_accuracy"]
+    elif metric == "yesno":
+        predicted = [M.yes_no(r["answer"]) for r in rows]
+        labels = [M.yes_no(r["references"][0]) for r in rows]  # "Yes, there is." counts as yes
+        for row, p, y in zip(rows, predicted, labels):
+            row["predicted"] = p
+            row["correct"] = p == y
+            row["score"] = float(p == y)
+        out.update(M.yes_no_metrics(predicted, labels))
+        out["score"] = out["accuracy"]
+    elif metric == "caption":
+        corpus, per_item = M.caption_scores([r["answer"] for r in rows], [r["references"] for r in rows])
+        for row, scores in zip(rows, per_item):
+            row.update(scores)
+            row["score"] = scores["cider"]
+            row["correct"] = bool(row["exact_match"])
+        out.update(corpus)
+        out["score"] = corpus["cider"]
+    else:  # exact
+        for row in rows:
+            row["score"] = row["exact_match"]
+            row["correct"] = bool(row["exact_match"])
+        out["score"] = out["exact_match"]
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["question_type"] is not None:
+            by_type[row["question_type"]].append(row["score"])
+    out["by_type"] = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+    out["by_type_n"] = {k: len(v) for k, v in sorted(by_type.items())}
+    return EvalResult(metrics=out, rows=rows)
+
+
+def evaluate_run(
+    chat,
+    data: Path | str,
+    images: Path | str,
+    *,
+    metric: str = "auto",
+    batch_size: int = 8,
+    limit: int = 0,
+    max_new_tokens: int = 32,
+    prompt_suffix: str = "",
+    progress: bool = True,
+) -> EvalResult:
+    """Answer every item of ``data`` with ``chat`` (a :class:`chat.assistant.VisionChat`) and score it.
+
+    ``metrics`` always holds ``metric``, ``n``, ``exact_match``, ``score`` (the chosen
+    metric's headline number) and ``by_type`` (mean per-item score per ``question_type``:
+    accuracy for vqa/exact/yesno, CIDEr for captions), plus the metric's own numbers.
+    ``prompt_suffix`` is appended to each question (e.g. LLaVA's "Answer the question
+    using a single word or phrase.").
+    """
+    if metric not in M.METRICS:
+        raise ValueError(f"metric '{metric}' is not one of {', '.join(M.METRICS)}")
+    items, report = load_eval_set(data, images, limit)
+    if not items:
+        raise ValueError(f"no usable eval items in {data}:\n{report.summary()}")
+    started = time.perf_counter()
+    answers = generate_answers(chat, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               prompt_suffix=prompt_suffix, report=report, progress=progress)
+    elapsed = time.perf_counter() - started
+    answered = [(it, a) for it, a in zip(items, answers) if a is not None]
+    result = score_answers([it for it, _ in answered], [a for _, a in answered], metric)
+    run = getattr(getattr(getattr(chat, "config", None), "train", None), "output_dir", None)
+    result.metrics.update(
+        {
+            "n_skipped": len(report.problems),
+            "data": str(data),
+            "images": str(images) if images else None,
+            "run": str(run) if run else None,
+            "max_new_tokens": max_new_tokens,
+            "prompt_suffix": prompt_suffix,
+            "generation_s": round(elapsed, 3),
+        }
+    )
+    result.report = report
+    return result

@@ -1,0 +1,115 @@
+"""``phiclip`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prepare.prepare import add_subparser as add_prepare
+from evaluation.cli import add_subparser as add_eval
+from export.cli import add_subparser as add_export
+from serve.cli import add_subparser as add_serve
+
+
+def _train(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    run = train(cfg, resume=args.resume)
+    print(f"run directory: {run}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from train.images import open_image
+    from chat.assistant import GenerationSettings, VisionChat
+
+    image = open_image(args.image) if args.image else None
+    chat = VisionChat.from_run(args.run_dir)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    messages = [{"role": "user", "content": args.question}]
+    if args.stream:
+        for piece in chat.stream(messages, image, settings):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(chat.answer(messages, image, settings))
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from train.check import check_dataset
+
+    report = check_dataset(args.data, args.images)
+    print(report.summary(show=args.show))
+    return 0 if report.n_kept else 1
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from train.stats import dataset_stats
+
+    print(dataset_stats(args.data, tokenizer=args.tokenizer, max_length=args.max_length))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from demo.run import run_demo
+
+    run_demo(Path(args.out), fresh=args.fresh)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phiclip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic shapes data, train, evaluate, answer")
+    p.add_argument("--out", default="runs/demo", help="run directory to write")
+    p.add_argument("--fresh", action="store_true", help="retrain even if the run directory is complete")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("chat", help="ask a trained run a question, with or without an image")
+    p.add_argument("run_dir")
+    p.add_argument("question")
+    p.add_argument("--image", help="image file; without it the base LM answers (adapter disabled)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.set_defaults(func=_chat)
+
+    data = sub.add_parser("data", help="inspect a LLaVA-format dataset").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="validate every record and image; print a report of what would be skipped")
+    p.add_argument("data")
+    p.add_argument("--images", default="", help="images folder the records' paths are relative to")
+    p.add_argument("--show", type=int, default=50, help="how many problems to list")
+    p.set_defaults(func=_data_check)
+    p = data.add_parser("stats", help="records, turns, images and token lengths")
+    p.add_argument("data")
+    p.add_argument("--tokenizer", default="offline:smollm2-135m-instruct", help="tokenizer (Hub name, path, offline:NAME)")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.set_defaults(func=_data_stats)
+
+    for add in (add_prepare, add_eval, add_export, add_serve):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"phiclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

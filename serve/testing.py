@@ -1,0 +1,161 @@
+"""A tiny trained run for smoke tests and load tests of the server (seconds to build, offline).
+
+The language model is a 2-layer random-init Llama wearing SmolLM2's real tokenizer and chat
+template; the vision tower a 2-layer CLIP at 32x32 pixels. Four training steps on twelve
+random images give a run directory with projector and LoRA adapter, which is all the server
+needs. Its answers are gibberish, but deterministic under greedy decoding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: float = 0.02) -> Path:
+    """A 2-layer random-init Llama (tied embeddings) or Phi-3 sized for ``tokenizer``, saved with it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "initializer_range": initializer_range,
+    }
+    if kind == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def save_tiny_clip(out: Path) -> Path:
+    """A 2-layer random-init CLIP vision tower at 32x32 pixels (16 patches of 8x8), with its processor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=16,
+    )
+    CLIPVisionModel(config).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return Path(out)
+
+
+def tiny_backbones(out: Path, tokenizer_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """A tiny Llama (SmolLM2 tokenizer) and a tiny CLIP tower under ``out``; returns their folders."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    if tokenizer_dir is None:
+        from demo.offline import SMOLLM2, resolve
+
+        tokenizer_dir = resolve(f"offline:{SMOLLM2}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # the default 0.02 makes a random LM answer nothing but newlines
+    lm = save_tiny_lm(out / "lm", tokenizer, initializer_range=0.2)
+    return lm, save_tiny_clip(out / "clip")
+
+
+def build_tiny_run(out: Path, lm_dir: str | Path, vision_dir: str | Path, steps: int = 4) -> Path:
+    """Train ``steps`` steps on random images; returns the run directory (``out / 'run'``)."""
+    from train.config import (
+        DataConfig,
+        LoraConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+    )
+    from train.run import train
+
+    out = Path(out)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(12):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"img{i}.png")
+        colour = "bright" if i % 2 else "dark"
+        records.append(
+            {
+                "id": f"r{i}",
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nIs it bright?"},
+                    {"from": "gpt", "value": f"It is {colour}."},
+                ],
+            }
+        )
+    records.append(
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    )
+    (out / "train.json").write_text(json.dumps(records))
+    cfg = RunConfig(
+        model=ModelConfig(lm=str(lm_dir), vision=str(vision_dir)),
+        lora=LoraConfig(r=4, alpha=8),
+        data=DataConfig(train=str(out / "train.json"), images=str(images), max_length=128),
+        train=TrainConfig(
+            output_dir=str(out / "run"),
+            max_steps=steps,
+            batch_size=2,
+            grad_accum=1,
+            logging_steps=1,
+            save_steps=1000,
+            gradient_checkpointing=False,
+        ),
+    )
+    return train(cfg)
+
+
+class LiveServer:
+    """Run an ASGI app with uvicorn on 127.0.0.1 and a free port, in a background thread.
+
+    ``with LiveServer(app) as server: httpx.get(server.url + "/health")``
+    """
+
+    def __init__(self, app, startup_timeout: float = 60.0) -> None:
+        self.app = app
+        self.startup_timeout = startup_timeout
+        self.url = ""
+
+    def __enter__(self) -> "LiveServer":
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)

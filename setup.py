@@ -1,0 +1,51 @@
+"""PhiClip: a Hugging Face Hub vision(-and-speech) chat model and the code that trains and serves it.
+
+The three ``*_phiclip.py`` files are the model package that goes to the Hub; the folders beside
+them (``train``, ``chat``, ``serve``, ``evaluation``, ``export``, ``prepare``, ``demo``) are the tools.
+"""
+
+from setuptools import setup
+
+EXTRAS = {
+    "qlora": ["bitsandbytes>=0.45"],
+    "offline": ["gguf>=0.10"],
+    "serve": [
+        "gradio>=6.0,<7",
+        "fastapi>=0.115",
+        "uvicorn>=0.30",
+        "python-multipart>=0.0.18",
+        "faster-whisper>=1.1",
+        "httpx",
+    ],
+    "eval": ["pycocoevalcap>=1.2"],
+    "test": ["pytest", "scikit-image", "scikit-learn", "playwright", "psutil", "httpx"],
+}
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
+
+setup(
+    name="phiclip",
+    version="0.2.0",
+    description="Teach a chat LLM to see and listen: CLIP -> projector -> LM, as a Hugging Face Hub model package.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    py_modules=["configuration_phiclip", "modeling_phiclip", "processing_phiclip", "phiclip_cli"],
+    packages=["train", "train.configs", "chat", "serve", "evaluation", "export", "prepare", "demo"],
+    package_data={"train.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "safetensors",
+        "huggingface_hub>=1.0",
+        "nltk>=3.9",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "numpy",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["phiclip = phiclip_cli:main"]},
+)

@@ -1,0 +1,206 @@
+"""One training run, from a config to a run directory.
+
+Run directory::
+
+    config.yaml            the resolved config
+    projector.safetensors  the projector
+    adapter/               the LoRA adapter (PEFT format), stage 2
+    vision_tower.safetensors  only when the tower was trained
+    processor/             tokenizer (with <image>), image processor, chat template
+    data_report.json       records read, kept, and every skipped one with its reason
+    log_history.json       the trainer's logs; loss.png plots them
+    rounds.json            one entry per training round (continued runs keep earlier ones)
+    checkpoints/           trainer checkpoints, for resuming an interrupted run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import TrainingArguments, set_seed
+
+from train.config import RunConfig
+from train.dataset import Collator, LlavaDataset, in_validation
+from train.images import ImageResolver
+from train.records import Record, Report, read_records
+from train.build import IMAGE_TOKEN, Built, build_model, default_device
+from train.lora import attach_lora
+from train.weights import ADAPTER_DIR, load_trainable, save_trainable
+from train.plots import plot_losses
+from train.trainer import PhiClipTrainer
+
+PROCESSOR_DIR = "processor"
+
+
+def split_records(records: list[Record], fraction: float, exclude_ids: set[str]) -> tuple[list[Record], list[Record], int]:
+    """Deterministic train/validation split; records whose id is in an eval set never train."""
+    train, val, excluded = [], [], 0
+    for record in records:
+        if record.id in exclude_ids:
+            excluded += 1
+        elif in_validation(record.id, fraction):
+            val.append(record)
+        else:
+            train.append(record)
+    return train, val, excluded
+
+
+def _dataset(cfg: RunConfig, built: Built, records: list[Record], report: Report) -> LlavaDataset:
+    return LlavaDataset(
+        records,
+        tokenizer=built.tokenizer,
+        image_processor=built.image_processor,
+        resolver=ImageResolver(cfg.data.images),
+        image_token=IMAGE_TOKEN,
+        n_image_tokens=built.n_image_tokens,
+        max_length=cfg.data.max_length,
+        report=report,
+        system_prompt=cfg.data.system_prompt,
+        drop_stopwords=cfg.data.drop_stopwords,
+        drop_punctuation=cfg.data.drop_punctuation,
+    )
+
+
+def prepare_model(cfg: RunConfig, device: torch.device | None = None) -> tuple[Built, torch.nn.Module]:
+    """Build the model and make the right parts trainable for the configured stage."""
+    use_lora = cfg.train.stage == 2 and cfg.lora.enabled
+    if cfg.train.stage not in (1, 2):
+        raise ValueError(f"train.stage must be 1 (projector only) or 2 (projector + LoRA), got {cfg.train.stage}")
+    built = build_model(cfg.model, cfg.lora if use_lora else replace(cfg.lora, quantize="none"), device)
+    model: torch.nn.Module = built.model
+    previous = Path(cfg.train.continue_from) if cfg.train.continue_from else None
+    if use_lora:
+        if previous is not None and (previous / ADAPTER_DIR).is_dir():
+            if getattr(model, "is_loaded_in_4bit", False):
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
+            model = PeftModel.from_pretrained(model, str(previous / ADAPTER_DIR), is_trainable=True)
+        else:
+            model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    if previous is not None:
+        if not (previous / "projector.safetensors").is_file():
+            raise FileNotFoundError(f"train.continue_from: {previous} is not a finished run (no projector)")
+        load_trainable(model, previous, adapter=(previous / ADAPTER_DIR).is_dir())
+    llava = built.model
+    llava.model.multi_modal_projector.requires_grad_(True)
+    if cfg.train.train_vision_tower:
+        llava.model.vision_tower.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        llava.enable_input_require_grads()
+    return built, model
+
+
+def _training_args(cfg: RunConfig, out: Path, device: torch.device, dtype: torch.dtype) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu",
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        report_to=t.report_to,
+        disable_tqdm=False,
+        eval_strategy="no",
+    )
+
+
+def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = None) -> Path:
+    """Train as configured; returns the run directory. ``resume`` continues from the last checkpoint."""
+    out = Path(cfg.train.output_dir)
+    if not cfg.data.train:
+        raise ValueError("data.train: no training data given")
+    if out.exists() and (out / "projector.safetensors").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a finished run; pick another train.output_dir or use continue_from")
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+    device = device or default_device()
+
+    records, report = read_records(cfg.data.train, limit=cfg.data.max_records)
+    eval_ids: set[str] = set()
+    if cfg.data.eval:
+        eval_records, _ = read_records(cfg.data.eval)
+        eval_ids = {r.id for r in eval_records}
+    train_records, val_records, leaked = split_records(records, cfg.data.val_fraction, eval_ids)
+    for _ in range(leaked):
+        report.skip(cfg.data.train, "-", "in eval set: record id also appears in data.eval")
+
+    built, model = prepare_model(cfg, device)
+    train_set = _dataset(cfg, built, train_records, report)
+    if len(train_set) == 0:
+        raise ValueError(f"no usable training records in {cfg.data.train}:\n{report.summary()}")
+    print(report.summary(show=10), flush=True)
+    val_set = _dataset(cfg, built, val_records, Report()) if val_records else None
+
+    dtype = next(p for p in built.model.model.multi_modal_projector.parameters()).dtype
+    trainer = PhiClipTrainer(
+        model=model,
+        args=_training_args(cfg, out, device, dtype),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=Collator(built.tokenizer.pad_token_id),
+        projector_lr=cfg.train.projector_learning_rate,
+        save_tower=cfg.train.train_vision_tower,
+    )
+    trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
+    metrics = trainer.evaluate() if val_set is not None else {}
+
+    save_trainable(model, out, with_tower=cfg.train.train_vision_tower)
+    save_processor(built, out / PROCESSOR_DIR)
+    cfg.save(out / "config.yaml")
+    (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    plot_losses(history, out / "loss.png")
+    _append_round(out, cfg, trainer.state.global_step, len(train_set), metrics)
+    return out
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return any((out / "checkpoints").glob("checkpoint-*"))
+
+
+def _append_round(out: Path, cfg: RunConfig, steps: int, n_train: int, metrics: dict) -> None:
+    rounds = []
+    if cfg.train.continue_from:
+        previous = Path(cfg.train.continue_from) / "rounds.json"
+        if previous.is_file():
+            rounds = json.loads(previous.read_text())
+    rounds.append(
+        {
+            "round": len(rounds) + 1,
+            "data": cfg.data.train,
+            "train_records": n_train,
+            "steps": steps,
+            "continued_from": cfg.train.continue_from or None,
+            "eval_loss": metrics.get("eval_loss", math.nan) if metrics else None,
+        }
+    )
+    (out / "rounds.json").write_text(json.dumps(rounds, indent=1))
+
+
+def save_processor(built: Built, out: Path) -> None:
+    """Tokenizer and image processor side by side, loadable with the Auto classes."""
+    out.mkdir(parents=True, exist_ok=True)
+    built.tokenizer.save_pretrained(out)
+    built.image_processor.save_pretrained(out)
