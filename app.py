@@ -64,12 +64,13 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run = resolve_run()
-    if not (run / "config.yaml").is_file():
-        print(
-            f"error: {run} is not a phiclip run directory (no config.yaml). "
-            "Set PHICLIP_RUN to a run folder or PHICLIP_HUB_REPO to a Hub repository holding one.",
-            file=sys.stderr,
-        )
+    from chat.assistant import locate
+
+    try:
+        locate(run)
+    except FileNotFoundError as err:
+        print(f"error: {err}. Set PHICLIP_RUN to a run or PhiClip folder, or PHICLIP_HUB_REPO to a Hub repository.",
+              file=sys.stderr)
         return 2
     serve(run, config_from_env())
     return 0

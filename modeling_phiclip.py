@@ -96,7 +96,7 @@ class PhiClipProjector(nn.Module):
                 linear.bias.zero_()
 
 
-def _vision_class(config: PhiClipConfig) -> type[PreTrainedModel]:
+def vision_tower_class(config: PhiClipConfig) -> type[PreTrainedModel]:
     kind = config.vision_config.model_type
     if kind.startswith("siglip"):
         if config.image_features == "pooled":
@@ -123,7 +123,7 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> None:
         """Build from the configs (random weights), or around an LM and a tower loaded by the caller."""
         super().__init__(config)
-        self.vision_tower = vision_tower if vision_tower is not None else _vision_class(config)(config.vision_config)
+        self.vision_tower = vision_tower if vision_tower is not None else vision_tower_class(config)(config.vision_config)
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
@@ -278,7 +278,7 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         """The LM's forward on the spliced sequence; labels are passed unshifted to the LM's loss.
 
         Logits (and the loss) are over the spliced sequence: each ``<image>`` position becomes
-        ``image_token_count()`` positions.
+        ``image_token_count()`` positions, and rows keep their padding side (left or right).
         """
         has_images = pixel_values is not None or (
             input_ids is not None and bool((input_ids == self.config.image_token_id).any())
@@ -287,7 +287,10 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
             if inputs_embeds is not None:
                 raise ValueError("pass input_ids with <image> tokens, not inputs_embeds, together with pixel_values")
             features = self.get_image_features(pixel_values) if pixel_values is not None else None
-            spliced = self.splice(input_ids, features, attention_mask, labels)
+            left = attention_mask is not None and bool((attention_mask[:, -1] == 1).all()) and not bool(
+                attention_mask[:, 0].all()
+            )
+            spliced = self.splice(input_ids, features, attention_mask, labels, "left" if left else "right")
             return self.language_model(**spliced, **kwargs)
         return self.language_model(
             input_ids=input_ids,
@@ -351,7 +354,8 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         if unused:
             raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(unused))}")
         batch, prompt_length = input_ids.shape
-        max_new = gen.max_new_tokens if gen.max_new_tokens is not None else max(gen.max_length - prompt_length, 0)
+        max_length = gen.max_length if gen.max_length is not None else 20  # transformers' default
+        max_new = gen.max_new_tokens if gen.max_new_tokens is not None else max(max_length - prompt_length, 0)
         eos = gen.eos_token_id if gen.eos_token_id is not None else []
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device, dtype=torch.long)
         pad = gen.pad_token_id if gen.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
@@ -454,7 +458,7 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         param_dtype = language_model.get_input_embeddings().weight.dtype
         if not param_dtype.is_floating_point:
             param_dtype = torch.float32
-        tower_class = _vision_class(config)
+        tower_class = vision_tower_class(config)
         if config.vision_weights:
             tower = tower_class(config.vision_config)
         else:
@@ -462,9 +466,9 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, language_model=language_model, vision_tower=tower)
         model.vision_tower.to(device=device, dtype=param_dtype)
         model.projector.to(device=device, dtype=param_dtype)
-        model._load_strict(model.projector, folder / PROJECTOR_FILE, "projector")
+        model.load_strict(model.projector, folder / PROJECTOR_FILE, "projector")
         if config.vision_weights:
-            model._load_strict(model.vision_tower, folder / config.vision_weights, "vision tower")
+            model.load_strict(model.vision_tower, folder / config.vision_weights, "vision tower")
         if config.adapter_subfolder and load_adapter:
             if PeftModel is None:
                 raise ImportError(f"{folder} has a LoRA adapter: loading it needs peft (pip install peft)")
@@ -479,7 +483,7 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         return model.eval()
 
     @staticmethod
-    def _load_strict(module: nn.Module, path: Path, what: str) -> None:
+    def load_strict(module: nn.Module, path: Path, what: str) -> None:
         """Every tensor present, none extra, each of the right shape: a mismatch names the file."""
         if not path.is_file():
             raise FileNotFoundError(f"{what} weights missing: {path}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prepare.prepare import add_subparser as add_prepare
+from prepare.cli import add_subparser as add_prepare
 from evaluation.cli import add_subparser as add_eval
 from export.cli import add_subparser as add_export
 from serve.cli import add_subparser as add_serve
@@ -27,7 +27,7 @@ def _chat(args: argparse.Namespace) -> int:
     from chat.assistant import GenerationSettings, VisionChat
 
     image = open_image(args.image) if args.image else None
-    chat = VisionChat.from_run(args.run_dir)
+    chat = VisionChat.load(args.run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     messages = [{"role": "user", "content": args.question}]
     if args.stream:

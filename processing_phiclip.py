@@ -86,8 +86,9 @@ class PhiClipProcessor(ProcessorMixin):
             tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        template = wrap_chat_template(tokenizer.chat_template, system_prompt, image_token)
-        return cls(image_processor, tokenizer, chat_template=template, image_token=image_token)
+        # One template for everything: the tokenizer's own (text-generation pipelines, training) and the processor's.
+        tokenizer.chat_template = wrap_chat_template(tokenizer.chat_template, system_prompt, image_token)
+        return cls(image_processor, tokenizer, chat_template=tokenizer.chat_template, image_token=image_token)
 
     @property
     def image_token_id(self) -> int:

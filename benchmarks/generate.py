@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    chat = VisionChat.from_run(args.run)
+    chat = VisionChat.load(args.run)
     image = Image.new("RGB", (64, 64), (220, 40, 40))
     question = {"role": "user", "content": "Describe the image in detail."}
     history = [

@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tiny_run(folder: Path) -> Path:
-    from serve.testing import build_tiny_run, tiny_backbones
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model builders
+    from tiny_models import build_tiny_run, tiny_backbones
 
     lm, clip = tiny_backbones(folder)
     return build_tiny_run(folder, lm, clip)

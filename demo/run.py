@@ -23,6 +23,8 @@ from evaluation.evaluate import evaluate_run
 from evaluation.report import write_report
 from chat.assistant import GenerationSettings, VisionChat
 from demo import offline
+from modeling_phiclip import PROJECTOR_FILE
+from train.rundir import MODEL_DIR
 from train.run import train
 
 N_TRAIN_IMAGES = 720  # 90 steps of 8 packed conversations: ~9 minutes on 2 CPU cores
@@ -58,7 +60,7 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
     probe = json.loads((Path(tower) / "probe.json").read_text())
     print(f"{tower}\nheld-out probe accuracy: {probe['accuracy']}")
 
-    if (out / "projector.safetensors").is_file():
+    if (out / MODEL_DIR / PROJECTOR_FILE).is_file():
         _step(f"training: {out} is already trained (--fresh retrains)")
     else:
         _step("training: projector + LoRA on the shapes conversations")
@@ -69,7 +71,7 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
         train(cfg)
 
     _step("evaluation on held-out images and questions")
-    chat = VisionChat.from_run(out)
+    chat = VisionChat.load(out)
     result = evaluate_run(chat, data.eval_json, data.images_dir, metric="exact", batch_size=16, max_new_tokens=24)
     write_report(result, out, run_dir=out)
     metrics = dict(result.metrics)

@@ -27,7 +27,7 @@ def _eval(args: argparse.Namespace) -> int:
     run_dir, data = Path(args.run_dir), Path(args.data)
     images = args.images if args.images is not None else str(data.parent)
     out = Path(args.out) if args.out else run_dir / "eval" / data.stem
-    chat = VisionChat.from_run(run_dir)
+    chat = VisionChat.load(run_dir)
     try:
         result = evaluate_run(
             chat,

@@ -9,7 +9,6 @@ with the question. Items with and without an image are generated in separate bat
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,7 +23,9 @@ from train.records import (
     ROLES,
     BadRecord,
     Report,
+    iter_raw,
     parse_record,
+    raw_id,
 )
 from train.template import to_messages
 from evaluation import metrics as M
@@ -50,22 +51,6 @@ class EvalResult:
     report: Report = field(default_factory=Report)
 
 
-def _raw_records(path: Path):
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
-        yield from enumerate(data)
-        return
-    for lineno, line in enumerate(text.splitlines()):
-        if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield lineno, BadRecord(f"malformed JSON: {err.msg}")
-
-
 def _answers_field(raw: dict) -> list[str] | None:
     answers = raw.get("answers")
     if answers is None:
@@ -84,8 +69,6 @@ def _answers_field(raw: dict) -> list[str] | None:
 
 
 def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver) -> EvalItem:
-    if isinstance(raw, BadRecord):
-        raise raw
     if not isinstance(raw, dict):
         raise BadRecord(f"not an object: {type(raw).__name__}")
     answers = _answers_field(raw)
@@ -125,7 +108,7 @@ def load_eval_set(data: str | Path, images: str | Path | None = None, limit: int
     resolver = ImageResolver(images or "")
     report = Report()
     items: list[EvalItem] = []
-    for index, raw in _raw_records(path):
+    for index, raw in iter_raw(path, report):
         if limit and len(items) >= limit:
             break
         report.n_read += 1
@@ -133,8 +116,7 @@ def load_eval_set(data: str | Path, images: str | Path | None = None, limit: int
             items.append(_to_item(raw, str(path), index, resolver))
             report.n_kept += 1
         except BadRecord as err:
-            rid = raw.get("id", f"#{index}") if isinstance(raw, dict) else f"#{index}"
-            report.skip(str(path), str(rid), str(err))
+            report.skip(str(path), raw_id(raw, index), str(err))
     return items, report
 
 

@@ -1,8 +1,8 @@
-"""Export a run directory as a standard Hugging Face Llava checkpoint.
+"""Export a PhiClip model as a standard Hugging Face Llava checkpoint (for vLLM, lmms-eval, plain transformers).
 
 The LoRA adapter is merged into the language model, and the result is written as a
 ``LlavaForConditionalGeneration`` folder (config, safetensors, processor with chat
-template, generation config) that loads with ``from_pretrained`` alone, without phiclip.
+template, generation config) that loads with ``from_pretrained`` alone, without PhiClip.
 
 Weight names follow the layout transformers has used since 4.52 (and vLLM maps):
 ``model.language_model.*``, ``model.vision_tower.vision_model.*``,
@@ -11,10 +11,9 @@ embeddings). transformers 5 keeps CLIP/SigLIP towers without their ``vision_mode
 level in memory and its own ``save_pretrained`` writes ``vision_tower.embeddings.*``,
 which vLLM's CLIP loader does not accept, so the names are written here explicitly.
 
-A QLoRA run (``lora.quantize: nf4``) is exported by rebuilding the base model in full
-precision, loading the adapter and projector, and merging: the checkpoint holds the
-original (unquantised) base weights plus the LoRA update, not the NF4 rounding the
-adapter was trained against.
+A QLoRA run is exported in full precision: PhiClip loads its base LM by name, unquantised,
+and merges the adapter into it, so the checkpoint holds the original base weights plus the
+LoRA update, not the NF4 rounding the adapter was trained against.
 """
 
 from __future__ import annotations
@@ -22,22 +21,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaProcessor
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from train.config import RunConfig, load_config
-from export.template import wrap_chat_template
-from demo import offline
-from train.build import IMAGE_TOKEN, build_model
-from train.weights import ADAPTER_DIR, TOWER_FILE, load_trainable
+from chat.assistant import locate
+from configuration_phiclip import PhiClipConfig
+from modeling_phiclip import PhiClipForCausalLM
+from processing_phiclip import PhiClipProcessor
+from train.build import IMAGE_TOKEN
 
-PROCESSOR_DIR = "processor"  # the run directory's tokenizer + image processor (train.run)
 SHARD_BYTES = 4 * 1024**3
 INFO_FILE = "phiclip_export.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,50 +46,80 @@ class ExportError(ValueError):
     """The run cannot be written as a standard Llava checkpoint; the message says why."""
 
 
-def check_exportable(cfg: RunConfig) -> None:
-    """Refuse configurations that a plain ``LlavaForConditionalGeneration`` cannot represent."""
-    if cfg.model.image_features != "patches":
+def check_exportable(config) -> None:
+    """Refuse models that a plain ``LlavaForConditionalGeneration`` cannot represent."""
+    if config.image_features != "patches":
         raise ExportError(
-            f"model.image_features is '{cfg.model.image_features}': this run feeds the LM a pooled CLIP image "
+            f"image_features is '{config.image_features}': this model feeds the LM a pooled CLIP image "
             "embedding, which a standard Llava checkpoint (transformers, vLLM, lmms-eval) has no way to express. "
-            "Only runs with model.image_features: patches can be exported."
-        )
-    if cfg.model.vision_feature_select_strategy not in ("default", "full"):
-        raise ExportError(
-            f"model.vision_feature_select_strategy '{cfg.model.vision_feature_select_strategy}' "
-            "is not one of default, full"
+            "Only models with image_features 'patches' can be exported."
         )
 
 
-def _target_dtype(name: str, cfg: RunConfig) -> torch.dtype:
-    """``auto``: the run's configured dtype, else the dtype the LM's own checkpoint is stored in."""
+def _target_dtype(name: str, model: PhiClipForCausalLM) -> torch.dtype:
+    """``auto``: the dtype the LM's own checkpoint is stored in (float32 when it does not say)."""
     if name != "auto":
         if name not in _DTYPES:
             raise ExportError(f"dtype '{name}' is not one of auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
-    if cfg.model.dtype != "auto":
-        return _DTYPES.get(cfg.model.dtype, torch.float32)
-    try:
-        stored = getattr(AutoConfig.from_pretrained(offline.resolve(cfg.model.lm)), "dtype", None)
-    except (OSError, ValueError):
-        stored = None
+    stored = getattr(model.config.text_config, "dtype", None) or getattr(model.config.text_config, "torch_dtype", None)
     if isinstance(stored, str):
-        stored = _DTYPES.get(stored)
+        stored = _DTYPES.get(stored.removeprefix("torch."))
     return stored if stored in _DTYPES.values() else torch.float32
 
 
-def load_merged(run_dir: Path, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
-    """The run's Llava model with its adapter merged in (built in ``dtype`` on ``device``)."""
-    name = next(k for k, v in _DTYPES.items() if v == dtype)
-    built = build_model(replace(cfg.model, dtype=name), replace(cfg.lora, quantize="none"), device)
-    model: torch.nn.Module = built.model
-    merged_adapter = (run_dir / ADAPTER_DIR).is_dir()
-    if merged_adapter:
-        model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
-    load_trainable(model, run_dir)
-    if merged_adapter:
-        model = model.merge_and_unload()
-    return model.eval(), built.n_image_tokens, merged_adapter
+def _negative_layers(layer: int | list[int], n_layers: int) -> int | list[int]:
+    """Count layers from the end: Llava asks the tower for hidden states only when the index is truthy,
+    so layer 0 (the embeddings) must be spelled ``-(n_layers + 1)``."""
+    if isinstance(layer, int):
+        return layer - (n_layers + 1) if layer >= 0 else layer
+    return [_negative_layers(one, n_layers) for one in layer]
+
+
+def _fit_embeddings(lm: torch.nn.Module, n_tokens: int) -> None:
+    """Give ``<image>`` an embedding row (Llava checkpoints keep it in the vocabulary): new rows are the mean row."""
+    old = lm.get_input_embeddings().weight.shape[0]
+    if n_tokens <= old:
+        return
+    lm.resize_token_embeddings(n_tokens, mean_resizing=False)
+    with torch.no_grad():
+        weight = lm.get_input_embeddings().weight
+        weight[old:] = weight[:old].mean(0, keepdim=True)
+        head = lm.get_output_embeddings()
+        if head is not None and head.weight is not weight:
+            head.weight[old:] = head.weight[:old].mean(0, keepdim=True)
+
+
+def to_llava(model: PhiClipForCausalLM) -> LlavaForConditionalGeneration:
+    """The same weights (adapter already merged) in a ``LlavaForConditionalGeneration``."""
+    check_exportable(model.config)
+    if model.has_adapter:
+        raise ExportError("merge the LoRA adapter first (from_pretrained(..., merge_adapter=True))")
+    lm = model.language_model
+    _fit_embeddings(lm, model.config.image_token_id + 1)
+    n_tokens = model.image_token_count()
+    config = LlavaConfig(
+        vision_config=model.config.vision_config,
+        text_config=lm.config,
+        image_token_id=model.config.image_token_id,
+        image_seq_length=n_tokens,
+        projector_hidden_act=model.config.projector_hidden_act,
+        vision_feature_layer=_negative_layers(model.config.vision_feature_layer,
+                                              model.config.vision_config.num_hidden_layers),
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+    llava.model.vision_tower = model.vision_tower
+    llava.model.language_model = lm.model
+    llava.lm_head = lm.lm_head
+    llava.model.multi_modal_projector.to_empty(device=model.projector.linear_1.weight.device)
+    llava.model.multi_modal_projector.to(model.projector.linear_1.weight.dtype)
+    llava.model.multi_modal_projector.load_state_dict(model.projector.state_dict(), strict=True)
+    llava.generation_config = model.generation_config
+    llava.config.use_cache = True
+    return llava.eval()
 
 
 def _tied(model) -> bool:
@@ -152,12 +178,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: 
     return names
 
 
-def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_image_tokens: int,
-                   system_prompt: str | None = None) -> LlavaProcessor:
+def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_image_tokens: int) -> LlavaProcessor:
     """A ``LlavaProcessor`` whose ``<image>`` expansion gives exactly ``n_image_tokens`` tokens.
 
-    Its chat template (also set on the tokenizer) is the LM's own, wrapped to accept
-    content-part lists (:func:`export.template.wrap_chat_template`).
+    Its chat template is PhiClip's (the LM's own, wrapped to accept content-part lists).
     """
     patch = int(vision_config.patch_size)
     side = int(getattr(vision_config, "image_size", 224))
@@ -171,7 +195,6 @@ def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_i
             f"the tower yields {n_image_tokens} image tokens for a {height}x{width} image with patch size {patch}; "
             "LlavaProcessor cannot express that count"
         )
-    tokenizer.chat_template = wrap_chat_template(tokenizer.chat_template, system_prompt)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -188,16 +211,8 @@ def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_i
     return processor
 
 
-def build_processor(run_dir: Path, cfg: RunConfig, vision_config, n_image_tokens: int) -> LlavaProcessor:
-    """The run's tokenizer and image processor as a ``LlavaProcessor`` (see :func:`make_processor`)."""
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / PROCESSOR_DIR)
-    image_processor = AutoImageProcessor.from_pretrained(run_dir / PROCESSOR_DIR)
-    return make_processor(tokenizer, image_processor, vision_config, cfg.model.vision_feature_select_strategy,
-                          n_image_tokens, cfg.data.system_prompt)
-
-
 def export_run(
-    run_dir: str | Path,
+    source: str | Path,
     out: str | Path,
     *,
     dtype: str = "auto",
@@ -205,70 +220,65 @@ def export_run(
     device: torch.device | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> Path:
-    """Merge the run's adapter and write a standard Llava checkpoint to ``out``; returns ``out``.
+    """Merge the adapter and write a standard Llava checkpoint to ``out``; returns ``out``.
 
-    ``dtype``: ``auto`` (the run's configured dtype, else the LM checkpoint's own dtype),
-    ``float32``, ``bfloat16`` or ``float16``. With ``auto`` the merge itself is done in
-    float32 and the result cast afterwards.
+    ``source``: a training run directory, a PhiClip folder or a Hub repo id. ``dtype``:
+    ``auto`` (the dtype of the LM's own checkpoint), ``float32``, ``bfloat16`` or ``float16``.
+    The merge itself is done in float32 and the result cast afterwards.
     """
-    run = Path(run_dir)
+    where = locate(source)
     out = Path(out)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a phiclip run directory (no config.yaml)")
-    if not (run / PROCESSOR_DIR).is_dir():
-        raise FileNotFoundError(f"{run / PROCESSOR_DIR} missing: the run did not finish")
-    cfg = load_config(run / "config.yaml")
-    check_exportable(cfg)
-    if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
-        raise ExportError(f"export folder {out} must lie outside the run directory {run}")
+    src = Path(source).resolve()
+    if Path(source).is_dir() and (out.resolve() == src or src in out.resolve().parents):
+        raise ExportError(f"export folder {out} must lie outside {source}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
         shutil.rmtree(out)
-    target = _target_dtype(dtype, cfg)
     device = device or torch.device("cpu")
-
-    model, n_image_tokens, merged_adapter = load_merged(run, cfg, torch.float32 if dtype == "auto" else target, device)
-    model = model.to(target)
-    processor = build_processor(run, cfg, model.config.vision_config, n_image_tokens)
-    tensors, tied = checkpoint_state(model)
+    config = PhiClipConfig.from_pretrained(where)
+    check_exportable(config)
+    merged_adapter = config.adapter_subfolder is not None
+    model = PhiClipForCausalLM.from_pretrained(where, dtype=torch.float32, device_map=str(device), merge_adapter=True)
+    target = _target_dtype(dtype, model)
+    n_image_tokens = model.image_token_count()
+    llava = to_llava(model).to(target)
+    phiclip_processor = PhiClipProcessor.from_pretrained(where, trust_remote_code=True)
+    processor = make_processor(phiclip_processor.tokenizer, phiclip_processor.image_processor,
+                               llava.config.vision_config, llava.config.vision_feature_select_strategy, n_image_tokens)
+    tensors, tied = checkpoint_state(llava)
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     files = write_safetensors(tensors, tmp, shard_bytes)
-    config = model.config
+    config = llava.config
     config.architectures = ["LlavaForConditionalGeneration"]
     config.dtype = target
     config.get_text_config().dtype = target
-    config.image_seq_length = n_image_tokens
-    config.use_cache = True
     if not tied:
         config.tie_word_embeddings = False
         config.get_text_config().tie_word_embeddings = False
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
     config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
+    llava.generation_config.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     # Also the classic preprocessor_config.json, for loaders that read the image processor alone.
     processor.image_processor.save_pretrained(tmp)
     for file in files:
         os.chmod(tmp / file, 0o644)
     info = {
-        "source_run": str(run.resolve()),
-        "lm": cfg.model.lm,
-        "vision": cfg.model.vision,
+        "source": str(source),
+        "lm": model.config.text_model,
+        "vision": model.config.vision_model,
         "dtype": str(target).removeprefix("torch."),
         "n_image_tokens": n_image_tokens,
         "lora_merged": merged_adapter,
-        "base_dequantized_from": "nf4" if merged_adapter and cfg.lora.quantize == "nf4" else None,
-        "vision_tower_trained": (run / TOWER_FILE).is_file(),
+        "vision_tower_trained": bool(model.config.vision_weights),
         "tied_embeddings": tied,
         "weights": files,
         "note": (
-            "phiclip chat answers text-only questions with the adapter disabled; this merged checkpoint "
+            "PhiClip answers text-only questions with the adapter disabled; this merged checkpoint "
             "always applies it."
         ),
     }

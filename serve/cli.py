@@ -23,7 +23,7 @@ def add_subparser(subparsers) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeConfig()
-    p.add_argument("run_dir", help="a run directory written by 'phiclip train'")
+    p.add_argument("run_dir", help="a training run directory, a PhiClip folder or a Hub repo id")
     p.add_argument("--host", default=d.host, help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
     p.add_argument(
@@ -91,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not (Path(args.run_dir) / "config.yaml").is_file():
-        print(f"error: {args.run_dir} is not a phiclip run directory (no config.yaml)", file=sys.stderr)
+    from chat.assistant import locate
+
+    try:
+        locate(args.run_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     for name, value in (("--concurrency", args.concurrency), ("--max-queue", args.max_queue)):
         if value < 1:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -65,7 +66,7 @@ class Result:
     text: str
     route: str  # "vision" (adapter on) or "text" (base LM)
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # token ids generated for the final answer, end-of-sequence included
     finish_reason: str  # "stop" or "length"
     draft: str | None = None  # the image answer before the refine pass
     seconds: float = 0.0
@@ -100,7 +101,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._waiting = 0
         self._running = 0
-        self.served = 0
+        self._ended: Counter[str] = Counter()  # served | failed | cancelled
 
     @property
     def concurrency(self) -> int:
@@ -111,12 +112,19 @@ class Engine:
         return self.chats[0].context_length
 
     def stats(self) -> dict[str, int]:
+        """Jobs now running and waiting, and finished ones by outcome.
+
+        ``served``: answered; ``failed``: ended with an error; ``cancelled``: dropped before they
+        started, or whose caller left before the answer was finished.
+        """
         with self._count_lock:
             return {
                 "running": self._running,
                 "waiting": self._waiting,
                 "concurrency": self.concurrency,
-                "served": self.served,
+                "served": self._ended["served"],
+                "failed": self._ended["failed"],
+                "cancelled": self._ended["cancelled"],
             }
 
     # submitting ------------------------------------------------------------------------------
@@ -135,6 +143,7 @@ class Engine:
         if future.cancelled():  # never ran, so never left the waiting count
             with self._count_lock:
                 self._waiting -= 1
+                self._ended["cancelled"] += 1
 
     def events(self, job: Job) -> Iterator[tuple[str, object]]:
         """For synchronous callers (the web UI): yields ``(kind, text)`` events, then ``("result", Result)``."""
@@ -162,18 +171,21 @@ class Engine:
             self._waiting -= 1
             self._running += 1
         chat = self._free.get()
+        outcome = "failed"
         try:
             if job.cancelled.is_set():
+                outcome = "cancelled"
                 raise ServeError("the request was cancelled before it started", 499, "cancelled")
             start = time.perf_counter()
             result = self._answer(chat, job, emit)
             result.seconds = time.perf_counter() - start
+            outcome = "cancelled" if job.cancelled.is_set() else "served"
             return result
         finally:
             self._free.put(chat)
             with self._count_lock:
                 self._running -= 1
-                self.served += 1
+                self._ended[outcome] += 1
 
     def _answer(self, chat: VisionChat, job: Job, emit: Emit) -> Result:
         with_image = job.image is not None
@@ -187,29 +199,27 @@ class Engine:
                 emit("draft", piece)
             draft = "".join(pieces).strip()
             refine = [{"role": "user", "content": REFINE_PROMPT.format(question=job.question, answer=draft)}]
-            refine_settings = self._fit(chat, settings, self._check_prompt(chat, refine, False))
-            stream = chat.stream(refine, None, refine_settings)
-            budget = refine_settings.max_new_tokens
+            settings = self._fit(chat, settings, self._check_prompt(chat, refine, False))
+            messages, image = refine, None
         else:
-            stream = chat.stream(job.messages, job.image, settings)
-            budget = settings.max_new_tokens
-        raw, text = self._final(stream, job, emit)
-        completion = len(chat.tokenizer(raw, add_special_tokens=False)["input_ids"])
+            messages, image = job.messages, job.image
+        stream = chat.stream(messages, image, settings)
+        text = self._final(stream, job, emit)
         return Result(
             text=text,
             route="vision" if with_image else "text",
             prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            finish_reason="length" if completion >= budget else "stop",
+            completion_tokens=len(stream.completion.token_ids),
+            finish_reason=stream.completion.finish_reason,
             draft=draft,
         )
 
     @staticmethod
-    def _final(stream: Iterator[str], job: Job, emit: Emit) -> tuple[str, str]:
-        """Pass the final answer on piece by piece (cleaned if asked); returns (raw, emitted) text."""
+    def _final(stream: Iterator[str], job: Job, emit: Emit) -> str:
+        """Pass the final answer on piece by piece (cleaned if asked); returns the text emitted."""
         cleaner = Cleaner(job.question, job.post) if job.post.active else None
         trimmer = _Trim()
-        raw, out = [], []
+        out = []
 
         def send(text: str) -> None:
             if text:
@@ -217,10 +227,9 @@ class Engine:
                 emit("delta", text)
 
         for piece in stream:
-            raw.append(piece)
             send(cleaner.feed(piece) if cleaner else trimmer.feed(piece))
         send(cleaner.finish() if cleaner else "")
-        return "".join(raw), "".join(out)
+        return "".join(out)
 
     @staticmethod
     def _check_prompt(chat: VisionChat, messages: list[dict[str, str]], with_image: bool) -> int:
@@ -232,7 +241,7 @@ class Engine:
                 "context_length_exceeded",
             )
         try:
-            n = len(chat.prompt_ids(messages, with_image))
+            n = chat.prompt_length(messages, with_image)
         except ValueError as err:  # TemplateError and friends: the template refused the conversation
             raise bad_request(f"the chat template cannot render this conversation: {err}", "messages") from err
         except Exception as err:  # jinja2 raise_exception() in a template

@@ -27,7 +27,7 @@ def load_engine(run_dir: str | Path, config: ServeConfig) -> Engine:
     chats = []
     for i in range(config.concurrency):
         log.info("loading %s (copy %d of %d)", run_dir, i + 1, config.concurrency)
-        chats.append(VisionChat.from_run(run_dir, device=device))
+        chats.append(VisionChat.load(run_dir, device=device))
     return Engine(chats, max_queue=config.max_queue, model_name=config.model_name)
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_toy_data, tiny_config, tokenizer_with_template
-
-from serve.testing import save_tiny_clip, save_tiny_lm
+from tiny_models import save_tiny_clip, save_tiny_lm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,6 +52,23 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def toy_data(tmp_path) -> tuple[Path, Path]:
     return make_toy_data(tmp_path)
+
+
+# A few dozen words of nltk's English stopword list, in nltk's own layout.
+STOPWORDS = """i me my we our you your he him his she her it it's its they them their what which who this that
+these those am is are was were be been being have has had do does did a an the and but if or because as of at by
+for with about to from in on off over under then there here when where why how all any both each no nor not only
+so than too very s t can will just don don't should now isn't aren't wasn't"""
+
+
+@pytest.fixture()
+def nltk_stopwords(tmp_path, monkeypatch) -> frozenset[str]:
+    """NLTK_DATA pointing at a folder of our own with a small English stopword corpus."""
+    folder = tmp_path / "nltk_data" / "corpora" / "stopwords"
+    folder.mkdir(parents=True)
+    (folder / "english").write_text("\n".join(STOPWORDS.split()) + "\n")
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk_data"))
+    return frozenset(STOPWORDS.split())
 
 
 @pytest.fixture(scope="session")

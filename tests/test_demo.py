@@ -26,7 +26,7 @@ def metrics() -> dict:
 def chat():
     from chat.assistant import VisionChat
 
-    return VisionChat.from_run(DEMO)
+    return VisionChat.load(DEMO)
 
 
 def test_held_out_floors(metrics):

@@ -158,7 +158,25 @@ def test_load_eval_set(tmp_path):
     jsonl = tmp_path / "eval.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in json.loads(data.read_text())) + "\n{broken\n")
     items_jsonl, report_jsonl = load_eval_set(jsonl, images)
-    assert len(items_jsonl) == 5 and any("malformed JSON" in p.reason for p in report_jsonl.problems)
+    assert len(items_jsonl) == 5 and report_jsonl.n_read == 8
+
+
+def test_eval_sets_are_read_like_training_data(tmp_path):
+    """One reader: a broken line or file is reported the same way by evaluation and training."""
+    from evaluation.evaluate import load_eval_set
+    from train.records import read_records
+
+    data, images = _eval_set(tmp_path)
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in json.loads(data.read_text())) + "\n{broken\n")
+    broken_line = [vars(p) for p in load_eval_set(jsonl, images)[1].problems if "malformed" in p.reason]
+    assert broken_line == [vars(p) for p in read_records(jsonl)[1].problems if "malformed" in p.reason]
+    assert broken_line[0]["record"] == "line 8" and broken_line[0]["file"] == str(jsonl)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a",')
+    for read in (read_records, load_eval_set):
+        with pytest.raises(ValueError, match=r"broken\.json: not valid JSON \(line 1"):
+            read(broken)
 
 
 def test_score_answers_by_type(tmp_path):
@@ -186,7 +204,7 @@ def tiny_eval(tiny_run, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval-set")
     data, images = _eval_set(root)
-    chat = VisionChat.from_run(tiny_run)
+    chat = VisionChat.load(tiny_run)
     result = evaluate_run(chat, data, images, batch_size=2, max_new_tokens=4, progress=False)
     return result, data, images
 

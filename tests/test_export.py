@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from helpers import tokenizer_with_template, write_image
 from PIL import Image
 
@@ -22,38 +21,25 @@ ATOL = 1e-4
 
 
 def _processor(tokenizer, clip_dir: Path, strategy: str, system_prompt: str | None = None):
-    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel
+    from transformers import AutoConfig, AutoImageProcessor
 
     from export.checkpoint import make_processor
-    from train.build import count_image_tokens
+    from processing_phiclip import PhiClipProcessor
 
-    tokenizer = load_tokenizer_like(tokenizer)
-    image_processor = AutoImageProcessor.from_pretrained(clip_dir)
-    tower = CLIPVisionModel.from_pretrained(clip_dir)
-    n = count_image_tokens(tower, image_processor, -2, strategy)
+    phiclip = PhiClipProcessor.from_parts(AutoImageProcessor.from_pretrained(clip_dir), tokenizer, system_prompt)
+    n = 16 + (strategy == "full")  # 32x32 pixels, 8x8 patches, CLS kept with "full"
     vision_config = AutoConfig.from_pretrained(clip_dir)
-    return make_processor(tokenizer, image_processor, vision_config, strategy, n, system_prompt), n
+    return make_processor(phiclip.tokenizer, phiclip.image_processor, vision_config, strategy, n), n
 
 
-def load_tokenizer_like(tokenizer):
-    """Add <image> and a pad token the way phiclip's build does."""
-    from train.build import IMAGE_TOKEN
-
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _phiclip_ids(tokenizer, messages, n_image_tokens, system_prompt=None):
-    """What VisionChat.prompt_ids renders (placeholder first in the first user turn)."""
+def _phiclip_ids(tokenizer, messages, n_image_tokens):
+    """What PhiClip feeds its model (one <image>), with <image> expanded as the Llava checkpoint needs it."""
     from train.template import encode_prompt
 
-    messages = [dict(m) for m in messages]
-    if system_prompt is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return encode_prompt(tokenizer, messages, image_token="<image>", n_image_tokens=n_image_tokens)
+    ids = []
+    for token in encode_prompt(tokenizer, messages):
+        ids.extend([token] * (n_image_tokens if token == tokenizer.convert_tokens_to_ids("<image>") else 1))
+    return ids
 
 
 @pytest.mark.parametrize("family", ["chatml", "phi3"])
@@ -84,8 +70,7 @@ def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_di
     text = processor.apply_chat_template(parts, add_generation_prompt=True)
     assert text.startswith("<|system|>\nAnswer briefly.<|end|>\n<|user|>\n<image>\nWhich shape?")
     ids = processor(images=[Image.new("RGB", (32, 32))], text=text)["input_ids"][0]
-    expected = _phiclip_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhich shape?"}], n,
-                            system_prompt="Answer briefly.")
+    expected = _phiclip_ids(processor.tokenizer, [{"role": "user", "content": "<image>\nWhich shape?"}], n)
     assert list(ids) == expected
     # A conversation that brings its own system turn keeps it.
     own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
@@ -93,7 +78,7 @@ def test_processor_system_prompt_and_image_last(smol_tokenizer_dir, tiny_clip_di
 
 
 def test_wrap_rejects_missing_template():
-    from export.template import wrap_chat_template
+    from processing_phiclip import wrap_chat_template
 
     with pytest.raises(ValueError, match="no chat template"):
         wrap_chat_template(None)
@@ -102,20 +87,22 @@ def test_wrap_rejects_missing_template():
 # --- refusing what a Llava checkpoint cannot hold ----------------------------------------
 
 
-def _fake_run(tmp_path: Path, **model) -> Path:
-    from train.config import ModelConfig, RunConfig
+def _fake_model(tmp_path: Path, **settings) -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    run = tmp_path / "run"
-    (run / "processor").mkdir(parents=True)
-    RunConfig(model=ModelConfig(**model)).save(run / "config.yaml")
-    return run
+    from configuration_phiclip import PhiClipConfig
+
+    folder = tmp_path / "model"
+    PhiClipConfig(text_config=LlamaConfig().to_dict(), vision_config=CLIPVisionConfig().to_dict(),
+                  **settings).save_pretrained(folder)
+    return folder
 
 
 def test_export_refuses_pooled_features(tmp_path, capsys):
     from phiclip_cli import main
     from export.checkpoint import ExportError, export_run
 
-    run = _fake_run(tmp_path, image_features="pooled")
+    run = _fake_model(tmp_path, image_features="pooled")
     with pytest.raises(ExportError, match="pooled"):
         export_run(run, tmp_path / "out")
     assert main(["export", str(run), str(tmp_path / "out")]) == 2
@@ -126,14 +113,14 @@ def test_export_refuses_pooled_features(tmp_path, capsys):
 def test_export_refuses_non_run_and_existing_out(tmp_path, tiny_run):
     from export.checkpoint import export_run
 
-    with pytest.raises(FileNotFoundError, match="not a phiclip run"):
+    with pytest.raises(FileNotFoundError, match="neither a PhiClip folder"):
         export_run(tmp_path, tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
         export_run(tiny_run, tmp_path / "busy")
     assert (tmp_path / "busy" / "x").read_text() == "keep me"
-    with pytest.raises(ValueError, match="outside the run directory"):
+    with pytest.raises(ValueError, match="must lie outside"):
         export_run(tiny_run, tiny_run / "export")
 
 
@@ -227,41 +214,40 @@ def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
     assert isinstance(fresh["pipeline"], str)
     assert fresh["lmms_style_same"] is True
 
-    chat = VisionChat.from_run(tiny_run)
+    chat = VisionChat.load(tiny_run)
     image = Image.open(image_path).convert("RGB")
     cases = {
         "image": ([{"role": "user", "content": "Is it bright?"}], image),
         "text": ([{"role": "user", "content": "Say hello."}], None),
     }
+    image_token = chat.processor.image_token_id
     for name, (messages, img) in cases.items():
         ids = chat.prompt_ids(messages, with_image=img is not None)
-        assert fresh[name + "_ids"] == ids, name
+        expanded = [t for token in ids for t in [token] * (chat.n_image_tokens if token == image_token else 1)]
+        assert fresh[name + "_ids"] == expanded, name
         inputs = {"input_ids": torch.tensor([ids])}
         if img is not None:
-            inputs["pixel_values"] = chat.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = chat.processor.image_processor(images=[img], return_tensors="pt")["pixel_values"]
         with torch.no_grad():  # adapter enabled: the merged checkpoint always applies it
             logits = chat.model(**inputs).logits[0]
-        diff = (logits - fresh_logits[name]).abs().max().item()
+        vocab = logits.shape[-1]  # the export gives <image> a vocabulary row of its own
+        diff = (logits - fresh_logits[name][:, :vocab]).abs().max().item()
         assert diff < ATOL, f"{name}: max |logit diff| {diff:.2e}"
 
 
-def test_export_qlora_run_rebuilds_full_precision(tiny_run, tmp_path):
+def test_export_casts_to_the_requested_dtype(tiny_run, tmp_path):
     from export.checkpoint import export_run
 
-    run = tmp_path / "qlora-run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["lora"]["quantize"] = "nf4"
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out = export_run(run, tmp_path / "out", dtype="bfloat16")
+    out = export_run(tiny_run, tmp_path / "out", dtype="bfloat16")
     info = json.loads((out / "phiclip_export.json").read_text())
-    assert info["base_dequantized_from"] == "nf4" and info["dtype"] == "bfloat16"
+    assert info["dtype"] == "bfloat16" and info["lora_merged"] is True
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict) == {"BF16"}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert dtypes == {"BF16"}
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import threading
 import urllib.parse
 import zipfile
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from prepare import prepare
+from prepare import check, cli, download, extract, sources
+from prepare.common import PrepareError
+from prepare.llava_instruct import prepare_llava_instruct
 
 JSON_NAME = "llava_instruct_150k.json"
 MIX_NAME = "llava_v1_5_mix665k.json"
@@ -192,16 +195,16 @@ def data(server, monkeypatch):
     )
     server.files[JSON_PATH] = json_bytes
     server.files[ZIP_PATH] = zip_bytes
-    monkeypatch.setitem(prepare.KNOWN_FILES, JSON_NAME, (len(json_bytes), _sha(json_bytes)))
-    monkeypatch.setitem(prepare.KNOWN_FILES, "train2017.zip", (len(zip_bytes), _sha(zip_bytes)))
-    monkeypatch.setattr(prepare, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setitem(sources.KNOWN_FILES, JSON_NAME, (len(json_bytes), _sha(json_bytes)))
+    monkeypatch.setitem(sources.KNOWN_FILES, "train2017.zip", (len(zip_bytes), _sha(zip_bytes)))
+    monkeypatch.setattr(download, "RETRY_BACKOFF_S", 0.0)
     for var in ("PHICLIP_HUB_URL", "PHICLIP_COCO_URL", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     return {"json": json_bytes, "zip": zip_bytes, "records": records}
 
 
-def _run(server, out: Path, **kw) -> prepare.PrepareSummary:
-    return prepare.prepare_llava_instruct(
+def _run(server, out: Path, **kw) -> check.PrepareSummary:
+    return prepare_llava_instruct(
         out, hub_url=server.url + HUB_PREFIX, coco_url=server.url + COCO_PREFIX, **kw
     )
 
@@ -214,22 +217,22 @@ def _run(server, out: Path, **kw) -> prepare.PrepareSummary:
 def test_registry_real_urls(monkeypatch):
     for var in ("PHICLIP_HUB_URL", "PHICLIP_COCO_URL", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
-    js, coco = prepare.llava_instruct_sources("150k")
+    js, coco = sources.llava_instruct_sources("150k")
     assert js.url == (
         "https://huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_instruct_150k.json"
     )
     assert not js.extract
     assert coco.url == "http://images.cocodataset.org/zips/train2017.zip"
     assert coco.size == 19336861798 and coco.extract
-    (mix,) = prepare.llava_instruct_sources("mix665k", skip_images=True)
+    (mix,) = sources.llava_instruct_sources("mix665k", skip_images=True)
     assert mix.url.endswith("/resolve/main/llava_v1_5_mix665k.json")
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
     monkeypatch.setenv("PHICLIP_COCO_URL", "https://coco.example/zips")
-    js, coco = prepare.llava_instruct_sources("150k")
+    js, coco = sources.llava_instruct_sources("150k")
     assert js.url.startswith("https://mirror.example/datasets/")
     assert coco.url == "https://coco.example/zips/train2017.zip"
     with pytest.raises(ValueError):
-        prepare.llava_instruct_sources("300k")
+        sources.llava_instruct_sources("300k")
 
 
 def test_full_prepare_reports_missing(server, data, tmp_path, capsys):
@@ -358,16 +361,16 @@ def test_existing_good_file_is_adopted_without_download(server, data, tmp_path):
 def test_persistent_corruption_gives_clear_error(server, data, tmp_path):
     server.always[JSON_PATH] = b"not the right bytes" + bytes(len(data["json"]))
     out = tmp_path / "out"
-    with pytest.raises(prepare.PrepareError) as exc:
+    with pytest.raises(PrepareError) as exc:
         _run(server, out, skip_images=True)
     msg = str(exc.value)
     assert JSON_PATH in msg and "did not verify" in msg
-    assert len(server.requests_for(JSON_PATH)) == prepare.MAX_ATTEMPTS
+    assert len(server.requests_for(JSON_PATH)) == download.MAX_ATTEMPTS
     assert not (out / JSON_NAME).exists() and not (out / (JSON_NAME + ".part")).exists()
 
 
 def test_unpinned_file_verified_by_server_size_and_416(server, data, tmp_path, monkeypatch):
-    monkeypatch.setitem(prepare.KNOWN_FILES, JSON_NAME, (None, None))
+    monkeypatch.setitem(sources.KNOWN_FILES, JSON_NAME, (None, None))
     out = tmp_path / "out"
     out.mkdir()
     # Complete data left as .part (interrupted before the rename): server answers 416.
@@ -388,13 +391,13 @@ def test_unpinned_file_verified_by_server_size_and_416(server, data, tmp_path, m
 
 def test_http_404_is_a_clear_error(server, data, tmp_path):
     del server.files[ZIP_PATH]
-    with pytest.raises(prepare.PrepareError, match=r"HTTP 404 .*train2017\.zip"):
+    with pytest.raises(PrepareError, match=r"HTTP 404 .*train2017\.zip"):
         _run(server, tmp_path / "out")
     assert len(server.requests_for(ZIP_PATH)) == 1  # 4xx is not retried
 
 
 def test_network_retries_are_bounded(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_NETWORK_RETRIES", 2)
+    monkeypatch.setattr(download, "MAX_NETWORK_RETRIES", 2)
     # Nothing listens on this port (bound and closed immediately).
     import socket
 
@@ -402,8 +405,8 @@ def test_network_retries_are_bounded(data, tmp_path, monkeypatch):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    with pytest.raises(prepare.PrepareError, match=rf"127\.0\.0\.1:{port}.*failed after 3 tries"):
-        prepare.prepare_llava_instruct(tmp_path / "out", hub_url=f"http://127.0.0.1:{port}", skip_images=True)
+    with pytest.raises(PrepareError, match=rf"127\.0\.0\.1:{port}.*failed after 3 tries"):
+        prepare_llava_instruct(tmp_path / "out", hub_url=f"http://127.0.0.1:{port}", skip_images=True)
 
 
 @pytest.mark.parametrize(
@@ -413,8 +416,8 @@ def test_zip_path_traversal_is_refused(tmp_path, evil):
     archive = tmp_path / "bad.zip"
     archive.write_bytes(_zip_bytes({"train2017/ok.jpg": b"ok", evil: b"evil"}))
     dest = tmp_path / "a" / "b"
-    with pytest.raises(prepare.PrepareError, match="refusing zip member"):
-        prepare.extract_zip(archive, dest)
+    with pytest.raises(PrepareError, match="refusing zip member"):
+        extract.extract_zip(archive, dest)
     # Nothing was written at all: members are checked before extraction starts.
     assert not (dest / "train2017" / "ok.jpg").exists()
     assert not list(tmp_path.rglob("evil*"))
@@ -423,8 +426,8 @@ def test_zip_path_traversal_is_refused(tmp_path, evil):
 def test_zip_traversal_through_prepare_is_refused(server, data, tmp_path, monkeypatch):
     bad = _zip_bytes({"train2017/000000000001.jpg": b"x", "../../escape.jpg": b"x"})
     server.files[ZIP_PATH] = bad
-    monkeypatch.setitem(prepare.KNOWN_FILES, "train2017.zip", (len(bad), _sha(bad)))
-    with pytest.raises(prepare.PrepareError, match=r"refusing zip member.*escape\.jpg"):
+    monkeypatch.setitem(sources.KNOWN_FILES, "train2017.zip", (len(bad), _sha(bad)))
+    with pytest.raises(PrepareError, match=r"refusing zip member.*escape\.jpg"):
         _run(server, tmp_path / "out")
     assert not list(tmp_path.rglob("escape.jpg"))
     assert not (tmp_path / "out" / "images" / "coco" / ".train2017.zip.extracted").exists()
@@ -433,8 +436,8 @@ def test_zip_traversal_through_prepare_is_refused(server, data, tmp_path, monkey
 def test_bad_zip_is_a_clear_error(tmp_path):
     archive = tmp_path / "train2017.zip"
     archive.write_bytes(b"this is not a zip")
-    with pytest.raises(prepare.BadArchiveError, match="train2017.zip"):
-        prepare.extract_zip(archive, tmp_path / "x")
+    with pytest.raises(extract.BadArchiveError, match="train2017.zip"):
+        extract.extract_zip(archive, tmp_path / "x")
 
 
 def test_extraction_continues_after_interruption(tmp_path):
@@ -444,7 +447,7 @@ def test_extraction_continues_after_interruption(tmp_path):
     (dest / "d").mkdir(parents=True)
     (dest / "d" / "1.jpg").write_bytes(b"one")  # already extracted
     (dest / "d" / "2.jpg").write_bytes(b"t")  # partially written
-    assert prepare.extract_zip(archive, dest) == 2
+    assert extract.extract_zip(archive, dest) == 2
     assert (dest / "d" / "2.jpg").read_bytes() == b"two"
 
 
@@ -466,17 +469,44 @@ def test_coco_2014_names_resolve_by_id(tmp_path):
             ]
         )
     )
-    n_records, n_refs, missing = prepare.check_images(js, images)
-    assert (n_records, n_refs, missing) == (5, 4, ["000000000005.jpg"])
+    summary = check.check_images(js, images)
+    assert (summary.n_records, summary.n_images_referenced, summary.missing) == (5, 4, ["000000000005.jpg"])
+
+
+def test_check_finds_exactly_what_training_reads(tmp_path):
+    from train.images import ImageError, ImageResolver
+    from train.records import read_records
+
+    images = tmp_path / "images"
+    (images / "train2017").mkdir(parents=True)
+    (images / "train2017" / "000000000009.jpg").write_bytes(b"a")  # training also looks in train2017/
+    (images / "000000000004.JPG").write_bytes(b"b")  # training's COCO names are lower-case .jpg
+    (tmp_path / "outside.jpg").write_bytes(b"c")  # on disk, but outside the images folder
+    unusable = {**_conv(7, "000000000007.jpg"), "conversations": []}  # training skips it, image and all
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps([_conv(1, "000000000009.jpg"), _conv(2, "000000000004.jpg"), _conv(3, "../outside.jpg"),
+                              unusable, _conv(5, None)]))
+    summary = check.check_images(js, images)
+    assert summary.missing == ["../outside.jpg", "000000000004.jpg"]
+    assert (summary.n_records, summary.n_images_referenced, summary.n_unusable) == (5, 3, 1)
+    assert "records training will skip: 1" in summary.report()
+
+    resolver = ImageResolver(images)
+    for record in read_records(js)[0]:
+        if record.image is not None:
+            try:
+                resolver.resolve(record.image)
+                found = True
+            except ImageError:
+                found = False
+            assert found == (record.image not in summary.missing), record.image
 
 
 def test_missing_report_lists_first_20(tmp_path):
     js = tmp_path / "d.json"
     js.write_text(json.dumps([_conv(i, f"{i:012d}.jpg") for i in range(30)]))
     (tmp_path / "images").mkdir()
-    n_records, n_refs, missing = prepare.check_images(js, tmp_path / "images")
-    summary = prepare.PrepareSummary(js, tmp_path / "images", n_records, n_refs, missing)
-    report = summary.report()
+    report = check.check_images(js, tmp_path / "images").report()
     assert "missing: 30" in report
     assert "000000000019.jpg" in report and "000000000020.jpg" not in report
     assert "and 10 more" in report
@@ -485,8 +515,8 @@ def test_missing_report_lists_first_20(tmp_path):
 def test_invalid_json_is_a_clear_error(tmp_path):
     js = tmp_path / "broken.json"
     js.write_text("[{")
-    with pytest.raises(prepare.PrepareError, match="broken.json"):
-        prepare.check_images(js, tmp_path)
+    with pytest.raises(PrepareError, match="broken.json"):
+        check.check_images(js, tmp_path)
 
 
 def test_mix665k_variant(server, data, tmp_path, monkeypatch, capsys):
@@ -497,7 +527,7 @@ def test_mix665k_variant(server, data, tmp_path, monkeypatch, capsys):
     ]
     body = json.dumps(records).encode()
     server.files[MIX_PATH] = body
-    monkeypatch.setitem(prepare.KNOWN_FILES, MIX_NAME, (None, None))
+    monkeypatch.setitem(sources.KNOWN_FILES, MIX_NAME, (None, None))
     out = tmp_path / "out"
     summary = _run(server, out, variant="mix665k")
     assert summary.json_path == out / MIX_NAME
@@ -511,7 +541,7 @@ def test_mix665k_variant(server, data, tmp_path, monkeypatch, capsys):
 def _cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="phiclip")
     sub = parser.add_subparsers(dest="command", required=True)
-    prepare.add_subparser(sub)
+    cli.add_subparser(sub)
     return parser.parse_args(argv)
 
 
@@ -528,6 +558,16 @@ def test_cli_through_add_subparser(server, data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "missing: 1" in printed and "000000000003.jpg" in printed
     assert (out / "images" / "coco" / "train2017" / "000000000002.jpg").is_file()
+
+
+def test_phiclip_prepare_command(server, data, tmp_path, capsys):
+    from phiclip_cli import main
+
+    out = tmp_path / "o"
+    assert main(["prepare", "llava-instruct", "--out", str(out), "--skip-images",
+                 "--hub-url", server.url + HUB_PREFIX]) == 0
+    assert (out / JSON_NAME).read_bytes() == data["json"]
+    assert "referenced images: 3" in capsys.readouterr().out
 
 
 def test_cli_env_urls_and_skip_images(server, data, tmp_path, monkeypatch):
@@ -572,6 +612,6 @@ def test_not_enough_disk_space_is_a_clear_error(server, data, tmp_path, monkeypa
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**6, 10**6, 10))
-    with pytest.raises(prepare.PrepareError, match="not enough free disk space"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 10))
+    with pytest.raises(PrepareError, match="not enough free disk space"):
         _run(server, tmp_path / "out", skip_images=True)

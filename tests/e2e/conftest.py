@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from live_server import LiveServer
+from tiny_models import build_tiny_run, tiny_backbones
 
 from serve.config import ServeConfig
 from serve.server import build_app, load_engine, load_transcriber
-from serve.testing import LiveServer, build_tiny_run, tiny_backbones
 
 
 @pytest.fixture(scope="session")
