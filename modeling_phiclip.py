@@ -544,15 +544,22 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         private: bool | None = None,
         token: str | None = None,
         revision: str | None = None,
+        extra_files: dict[str, str | Path] | None = None,
         **kwargs: Any,
     ):
-        """Save into a temporary folder and upload it as one commit; returns the commit info."""
+        """Save into a temporary folder (plus ``extra_files``: repo path -> local file) and upload it as one commit.
+
+        Returns the commit info (``.oid`` is the commit sha to pin with ``revision=``).
+        """
         import tempfile
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, processor=processor, model_card=model_card)
+            for name, path in (extra_files or {}).items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, Path(tmp) / name)
             return api.upload_folder(
                 repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision
             )

@@ -61,6 +61,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from train.push import example_questions, push
+
+    examples = None
+    if args.examples:
+        examples = example_questions(args.examples, args.images, args.n_examples)
+    commit = push(args.source, args.repo_id, examples, datasets=args.dataset, license=args.license,
+                  private=args.private or None)
+    print(f"pushed {args.source} -> {commit.commit_url}")
+    print(f"load it pinned to this commit: AutoModelForCausalLM.from_pretrained({args.repo_id!r}, "
+          f"trust_remote_code=True, revision={commit.oid!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phiclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,8 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("chat", help="ask a trained run a question, with or without an image")
-    p.add_argument("run_dir")
+    p = sub.add_parser("push", help="upload a model (projector + LoRA adapter + code + card) to the Hub, one commit")
+    p.add_argument("source", help="training run directory or PhiClip folder")
+    p.add_argument("repo_id", help="Hub repository, e.g. you/phiclip-phi3.5-clip")
+    p.add_argument("--examples", help="LLaVA JSON whose first image questions the card shows, answered by the model "
+                   "(default: the run's eval data, else its training data)")
+    p.add_argument("--images", default="", help="images folder for --examples")
+    p.add_argument("--n-examples", type=int, default=3)
+    p.add_argument("--dataset", action="append", default=[], help="dataset id for the card (repeatable)")
+    p.add_argument("--license", default="mit")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_push)
+
+    p = sub.add_parser("chat", help="ask a model a question, with or without an image")
+    p.add_argument("run_dir", help="training run directory, PhiClip folder or Hub repo id")
     p.add_argument("question")
     p.add_argument("--image", help="image file; without it the base LM answers (adapter disabled)")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")

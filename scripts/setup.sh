@@ -23,4 +23,6 @@ if [ "${PHICLIP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   fi
 fi
+# transformers 4.57 side environment (.venv-tf4) for tests/test_transformers4.py: the remote code must work on 4.x too.
+[ "${PHICLIP_SKIP_TF4:-0}" = 1 ] || bash scripts/tf4_setup.sh
 echo "phiclip set up in .venv"

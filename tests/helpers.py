@@ -78,3 +78,19 @@ def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **trai
         data=DataConfig(train=str(data[0]), images=str(data[1]), max_length=128),
         train=TrainConfig(**settings),
     )
+
+
+# First lines of a script that must run as a Hub user would: without the project on its import path
+# (the venv's editable install of PhiClip is switched off), so remote code comes from the model folder.
+WITHOUT_PROJECT = """
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
+                    and "__editable__" not in type(f).__module__]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", __PROJECT__)]
+for name in ("modeling_phiclip", "configuration_phiclip", "processing_phiclip", "train", "chat"):
+    assert importlib.util.find_spec(name) is None, f"project module {name} is importable"
+"""
+
+
+def without_project(root: Path) -> str:
+    return WITHOUT_PROJECT.replace("__PROJECT__", repr(str(root)))

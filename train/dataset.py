@@ -26,7 +26,6 @@ from train.records import Record, Report
 from train.template import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
 from train.transforms import english_stopwords, transform_answers
 
-
 IMAGE_ERRORS = "image_errors"  # batch key: (image path, reason) of images a worker could not decode
 
 

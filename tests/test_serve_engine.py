@@ -1,0 +1,82 @@
+"""The engine's accounting: completion tokens, finish reason and job outcomes, on a scripted model."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from chat.assistant import Completion, GenerationSettings, Stream
+from serve.engine import Engine, Job
+from serve.errors import ServeError
+
+HI = [{"role": "user", "content": "Hi"}]
+# Three pieces whose text re-tokenizes to anything but three tokens.
+WORDS = [(10, " antidisestablishment"), (11, "arian"), (12, "ism")]
+
+
+class ScriptedChat:
+    """Stands in for a VisionChat: "generates" a fixed list of (token id, text piece) pairs."""
+
+    context_length = 512
+
+    def __init__(self, script: list[tuple[int, str]], finish: str = "stop", gate: threading.Event | None = None):
+        self.script = script
+        self.finish = finish
+        self.gate = gate
+
+    def prompt_length(self, messages, with_image: bool) -> int:
+        return 4
+
+    def stream(self, messages, image=None, settings=None) -> Stream:
+        def pieces():
+            if self.gate is not None:
+                self.gate.wait(10)
+            for token, piece in self.script:
+                if token < 0:
+                    raise RuntimeError("the model broke")
+                yield piece
+            ids = [token for token, _ in self.script]
+            stream.completion = Completion("".join(p for _, p in self.script), ids, self.finish)
+
+        stream = Stream(pieces())
+        return stream
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_usage_is_the_generated_token_ids_and_the_models_finish_reason(finish):
+    engine = Engine([ScriptedChat([*WORDS, (2, "")], finish)])
+    result = engine.submit(Job(HI, settings=GenerationSettings(max_new_tokens=4))).result(timeout=10)
+    engine.close()
+    assert result.text == "antidisestablishmentarianism"
+    assert result.completion_tokens == 4  # the three words and the end token, not a re-tokenized count
+    assert result.finish_reason == finish
+
+
+def outcomes(engine: Engine) -> dict[str, int]:
+    return {k: engine.stats()[k] for k in ("served", "failed", "cancelled")}
+
+
+def test_only_answered_jobs_count_as_served():
+    gate = threading.Event()
+    engine = Engine([ScriptedChat(WORDS, gate=gate)], max_queue=8)
+    first = engine.submit(Job(HI))  # holds the only worker until the gate opens
+    left = Job(HI)
+    waiting = engine.submit(left)
+    dropped = engine.submit(Job(HI))
+    assert dropped.cancel()  # never starts
+    left.cancelled.set()  # its caller went away while it waited
+    gate.set()
+    assert first.result(timeout=10).text == "antidisestablishmentarianism"
+    with pytest.raises(ServeError, match="cancelled"):
+        waiting.result(timeout=10)
+    engine.close()
+    assert outcomes(engine) == {"served": 1, "failed": 0, "cancelled": 2}
+
+    broken = Engine([ScriptedChat([(10, "a"), (-1, "b")])])
+    with pytest.raises(RuntimeError):
+        broken.submit(Job(HI)).result(timeout=10)
+    with pytest.raises(ServeError, match="context"):
+        broken.submit(Job([{"role": "user", "content": "x" * 40_000}])).result(timeout=10)
+    broken.close()
+    assert outcomes(broken) == {"served": 0, "failed": 2, "cancelled": 0}

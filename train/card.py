@@ -1,0 +1,123 @@
+"""The model card of a pushed PhiClip model: Hub metadata, widget examples with the model's real answers, usage.
+
+The Hub's hosted widget does not run custom code, so the examples (image, question and the
+answer this model gave when the card was written) are what visitors see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
+
+# The transformers releases the remote code is tested with (tests/test_transformers4.py covers the 4.x line).
+TESTED_4X = "4.57"
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A vision-language chat model: the vision tower of `{{ vision }}` feeds a Linear-GELU-Linear projector
+whose outputs are spliced into the token embeddings of `{{ lm }}`, between the text before and after
+the image. The projector and a LoRA adapter on the LM are this repository's own weights
+(`projector.safetensors`, `adapter/`); the LM and the tower are loaded by name from their own repositories.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+from PIL import Image
+
+repo = "{{ repo_id }}"
+revision = "main"  # pin a commit sha from the repository's history for reproducible results
+model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, revision=revision)
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True, revision=revision)
+
+image = Image.open("photo.jpg")
+inputs = processor(images=image, text="What is in the picture?", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64)
+print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+
+pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True, revision=revision)
+messages = [{"role": "user", "content": [{"type": "image", "image": "photo.jpg"},
+                                         {"type": "text", "text": "What is in the picture?"}]}]
+print(pipe(text=messages, generate_kwargs={"max_new_tokens": 64}, return_full_text=False))
+```
+
+Generation settings go in `generate_kwargs` (the pipeline passes other keywords to the processor).
+Also: `dtype=torch.bfloat16`, `device_map="auto"`, `attn_implementation=...`, a 4-bit
+`quantization_config` for the base LM (QLoRA inference), `merge_adapter=True`.
+
+**Text-only questions** go to the base LM with the adapter switched off, as the model was trained
+to be used (`model.config.text_only_base_lm = False` sends them through the adapter too):
+
+```python
+chat = processor.tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**chat, max_new_tokens=64)
+print(processor.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Examples
+
+Answers the model gave to these questions when this card was written (greedy decoding):
+
+| image | question | answer |
+|---|---|---|
+{% for example in examples -%}
+| ![]({{ example.src }}) | {{ example.question }} | {{ example.answer }} |
+{% endfor %}
+
+## Details
+
+- Image features: {{ image_features }}, {{ tokens }} positions per image.
+- Tested with transformers {{ tested }}; needs `trust_remote_code=True`, `peft` for the adapter, and
+  `bitsandbytes` only for 4-bit loading.
+"""
+
+
+@dataclass
+class Example:
+    image_file: str  # path inside the repository, e.g. examples/0.png
+    question: str
+    answer: str
+    src: str = ""  # URL the Hub serves the image from
+
+
+def model_card(
+    repo_id: str,
+    config,
+    examples: list[Example],
+    endpoint: str,
+    datasets: list[str] | None = None,
+    license: str = "mit",
+    image_tokens: int | None = None,
+) -> ModelCard:
+    """A card for ``repo_id`` whose widget shows ``examples`` (served from the repository itself)."""
+    for example in examples:
+        example.src = f"{endpoint}/{repo_id}/resolve/main/{example.image_file}"
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=license,
+        base_model=[config.text_model, config.vision_model],
+        datasets=datasets or None,
+        tags=["phiclip", "custom_code", "llava", "vision", "image-text-to-text"],
+        widget=[{"src": e.src, "text": e.question, "output": {"text": e.answer}} for e in examples],
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=_TEMPLATE,
+        title=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        lm=config.text_model,
+        vision=config.vision_model,
+        examples=examples,
+        image_features="CLIP's pooled, projected embedding" if config.image_features == "pooled"
+        else f"hidden states of tower layer(s) {config.vision_feature_layer}",
+        tokens=image_tokens,
+        tested=f"{TESTED_4X}.x and {transformers.__version__}",
+    )

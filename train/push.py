@@ -1,0 +1,72 @@
+"""``phiclip push``: upload a PhiClip model (projector, adapter, code, processor, card) to the Hub in one commit.
+
+The card's examples are answered by the model itself at push time. By default they are the
+first records with images of the run's evaluation data (or its training data).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import constants
+
+from chat.assistant import GenerationSettings, VisionChat
+from train.card import Example, model_card
+from train.config import load_config
+from train.images import ImageResolver, open_image
+from train.records import read_records
+
+EXAMPLES_DIR = "examples"
+
+
+def example_questions(data: str | Path, images: str | Path, n: int) -> list[tuple[Path, str]]:
+    """The first ``n`` records with an image: (image path, first question without the placeholder)."""
+    records, _ = read_records(data)
+    resolver = ImageResolver(str(images))
+    out = []
+    for record in records:
+        if record.image is None:
+            continue
+        question = next(t.content for t in record.turns if t.role == "user").replace("<image>", "").strip()
+        out.append((Path(resolver.resolve(record.image)), question))
+        if len(out) == n:
+            break
+    return out
+
+
+def default_examples(source: str | Path, n: int) -> list[tuple[Path, str]]:
+    """Examples from a training run's config (its eval data, else its training data); none otherwise."""
+    run_config = Path(source) / "config.yaml"
+    if not run_config.is_file():
+        return []
+    cfg = load_config(run_config)
+    data = cfg.data.eval or cfg.data.train
+    return example_questions(data, cfg.data.images, n) if data and Path(data).is_file() else []
+
+
+def push(
+    source: str | Path,
+    repo_id: str,
+    examples: list[tuple[Path, str]] | None = None,
+    *,
+    datasets: list[str] | None = None,
+    license: str = "mit",
+    private: bool | None = None,
+    token: str | None = None,
+    max_new_tokens: int = 48,
+):
+    """Push the model at ``source`` (run directory, PhiClip folder or repo id) to ``repo_id``; returns the commit."""
+    chat = VisionChat.load(source)
+    examples = default_examples(source, 3) if examples is None else examples
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    written: list[Example] = []
+    files: dict[str, Path] = {}
+    for i, (image_path, question) in enumerate(examples):
+        answer = chat.answer([{"role": "user", "content": question}], open_image(str(image_path)), settings)
+        name = f"{EXAMPLES_DIR}/{i}{Path(image_path).suffix.lower() or '.png'}"
+        files[name] = Path(image_path)
+        written.append(Example(name, question, answer))
+    card = model_card(repo_id, chat.model.config, written, constants.ENDPOINT, datasets, license,
+                      chat.n_image_tokens)
+    return chat.model.push_to_hub(repo_id, processor=chat.processor, model_card=str(card), extra_files=files,
+                                  private=private, token=token)
