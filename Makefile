@@ -20,6 +20,6 @@ bench: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): setup.py scripts/setup.sh
+$(STAMP): setup.py scripts/setup.sh scripts/tf4_setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)

@@ -380,10 +380,10 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
             features = self.get_image_features(pixel_values) if pixel_values is not None else None
             spliced = self.splice(input_ids, features, attention_mask, padding_side="left")
             mask, positions = spliced["attention_mask"], spliced["position_ids"]
-            cache = DynamicCache()
+            cache_kwargs = self._cache_kwargs(DynamicCache())
             out = self.language_model(
                 inputs_embeds=spliced["inputs_embeds"], attention_mask=mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1, **self._cache_kwargs(cache),
+                use_cache=True, logits_to_keep=1, **cache_kwargs,
             )
             for step in range(max_new):
                 scores = processors(sequences, out.logits[:, -1, :].float())
@@ -405,7 +405,7 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
                 positions = positions[:, -1:] + 1
                 out = self.language_model(
                     inputs_embeds=self.get_input_embeddings()(next_tokens[:, None]), attention_mask=mask,
-                    position_ids=positions, use_cache=True, **self._cache_kwargs(cache),
+                    position_ids=positions, use_cache=True, **cache_kwargs,
                 )
         if streamer is not None:
             streamer.end()
@@ -487,7 +487,7 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         """Every tensor present, none extra, each of the right shape: a mismatch names the file."""
         if not path.is_file():
             raise FileNotFoundError(f"{what} weights missing: {path}")
-        state = load_file(str(path))
+        state = _match_prefix(load_file(str(path)), module.state_dict().keys())
         param = next(module.parameters())
         try:
             module.load_state_dict({k: v.to(param.device, param.dtype) for k, v in state.items()}, strict=True)
@@ -567,6 +567,18 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def _match_prefix(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """Tower weights with or without the ``vision_model.`` level that transformers 4.x keeps and 5.x drops."""
+    expected, prefix = set(expected), "vision_model."
+    if set(state) == expected:
+        return state
+    if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    if not any(k.startswith(prefix) for k in state) and all(k.startswith(prefix) for k in expected):
+        return {prefix + k: v for k, v in state.items()}
+    return state
 
 
 def _minimal_card(config: PhiClipConfig) -> str:

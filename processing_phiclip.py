@@ -9,6 +9,8 @@ template is the LM's own, preceded by a short preamble that turns content parts
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from transformers import BatchFeature, ProcessorMixin
@@ -137,21 +139,59 @@ class PhiClipProcessor(ProcessorMixin):
             elif markers != len(its_images):
                 raise ValueError(f"text {i}: {markers} {self.image_token} token(s) but {len(its_images)} image(s)")
             prompts.append(prompt)
-        kwargs.pop("add_special_tokens", None)  # the chat template writes every special token itself
-        encoded = self.tokenizer(
-            prompts,
-            padding=padding,
-            padding_side=kwargs.pop("padding_side", "left"),
-            add_special_tokens=False,
-            **{k: v for k, v in kwargs.items() if k in ("truncation", "max_length", "pad_to_multiple_of")},
-        )
-        data = dict(encoded)
+        rows = [self._tokenize(prompt) for prompt in prompts]
+        if padding:
+            encoded = self.tokenizer.pad({"input_ids": rows}, padding=padding,
+                                         padding_side=kwargs.get("padding_side", "left"))
+            data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        else:
+            data = {"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]}
         flat = [image for its_images in per_text for image in its_images]
         if flat:
             data["pixel_values"] = self.image_processor(
                 images=[im.convert("RGB") if hasattr(im, "convert") else im for im in flat], return_tensors="pt"
             )["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        """Token ids of a rendered prompt, cut where answers start, as training tokenizes it.
+
+        Training tokenizes the text before each answer on its own, so an inference prompt ends
+        on the same tokens (Llama-3's ``"\n\n"`` would otherwise merge with the answer's first
+        characters). Answers start right after the template's generation prompt.
+        """
+        marker = self._generation_prompt()
+        pieces, at = [], 0
+        while marker and (found := prompt.find(marker, at)) >= 0:
+            pieces.append(prompt[at:found + len(marker)])
+            at = found + len(marker)
+        pieces.append(prompt[at:])
+        ids: list[int] = []
+        for piece in filter(None, pieces):  # the chat template writes every special token itself
+            ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+        return ids
+
+    def _generation_prompt(self) -> str:
+        """The text the chat template appends to open an assistant turn ("" if it cannot be isolated)."""
+        probe = [{"role": "user", "content": "x"}]
+        opened = self.tokenizer.apply_chat_template(probe, chat_template=self.chat_template, tokenize=False,
+                                                    add_generation_prompt=True)
+        closed = self.tokenizer.apply_chat_template(probe, chat_template=self.chat_template, tokenize=False)
+        return opened[len(closed):] if opened.startswith(closed) else ""
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """Also keeps ``tokenizer_config.json`` readable by transformers 4.x, which knows neither the
+        ``TokenizersBackend`` class name 5.x writes nor ``extra_special_tokens`` given as a list."""
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "tokenizer_config.json"
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            if config.get("tokenizer_class") == "TokenizersBackend":
+                config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            if isinstance(config.get("extra_special_tokens"), list):
+                config["additional_special_tokens"] = config.pop("extra_special_tokens")
+            path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return saved
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)

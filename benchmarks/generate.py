@@ -1,12 +1,17 @@
-"""Tokens/s of ``generate()`` (KV cache) against re-running the full forward for every token.
+"""Tokens/s of PhiClip's ``generate()`` against transformers' ``generate(inputs_embeds=...)`` and the recipe's loop.
 
-The second is what the original recipe did (no ``generate``, no cache). Same model, same
-prompt with an image, 64 new tokens each (EOS ignored so both produce exactly 64). Two prompts:
-one question, and the same question after three earlier turns about the image (a chat with
-history, where re-running the whole sequence for every token costs the most). The last line
-is the speedup on the chat prompt.
+Three ways to answer the same prompt (an image and a chat history, about 600 positions in the
+LM), greedy, the same number of new tokens (EOS masked as ``min_new_tokens`` does, so all
+produce exactly ``--new-tokens``):
 
-    python benchmarks/generate.py [--run runs/demo] [--new-tokens 64] [--repeats 3]
+- PhiClip: the model's own ``generate()`` (splice once, prefill, one token at a time with a KV cache);
+- transformers: ``language_model.generate(inputs_embeds=...)`` on the same spliced embeddings;
+- recipe loop: what the original recipe did, a full forward over the whole sequence for every token.
+
+It checks that all three produce the same tokens and ends with ``vs transformers generate: <x>``
+(PhiClip / transformers tokens/s) and ``speedup: <x>`` (PhiClip / recipe loop).
+
+    python benchmarks/generate.py [--run runs/demo] [--new-tokens 128] [--turns 24] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,25 +25,37 @@ from PIL import Image
 from chat.assistant import VisionChat
 
 
-def naive_loop(model, inputs: dict, n_new: int) -> torch.Tensor:
-    """Greedy decoding by full forwards; EOS is masked, as ``min_new_tokens`` does in ``generate``."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+def eos_ids(model) -> torch.Tensor:
     eos = model.generation_config.eos_token_id
-    eos = torch.tensor(eos if isinstance(eos, list) else [eos])
-    for _ in range(n_new):
+    return torch.tensor(eos if isinstance(eos, list) else [eos])
+
+
+def phiclip_generate(model, inputs: dict, n: int) -> torch.Tensor:
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def transformers_generate(model, inputs: dict, n: int) -> torch.Tensor:
+    features = model.get_image_features(inputs["pixel_values"])
+    spliced = model.splice(inputs["input_ids"], features, inputs["attention_mask"], padding_side="left")
+    return model.language_model.generate(
+        inputs_embeds=spliced["inputs_embeds"], attention_mask=spliced["attention_mask"], max_new_tokens=n,
+        min_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+        pad_token_id=model.generation_config.pad_token_id,
+    )[:, -n:]
+
+
+def recipe_loop(model, inputs: dict, n: int) -> torch.Tensor:
+    """Greedy decoding by full forwards over the whole sequence, no cache; EOS masked like ``min_new_tokens``."""
+    ids, mask, eos = inputs["input_ids"], inputs["attention_mask"], eos_ids(model)
+    for _ in range(n):
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], use_cache=False).logits
         last = logits[:, -1].clone()
         last[:, eos] = float("-inf")
         nxt = last.argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-    return ids
-
-
-def cached_generate(model, inputs: dict, n_new: int) -> torch.Tensor:
-    return model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                          temperature=None, top_p=None, top_k=None,
-                          pad_token_id=model.generation_config.pad_token_id)
+    return ids[:, -n:]
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
@@ -51,39 +68,50 @@ def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
     return best, out
 
 
+def chat_history(turns: int) -> list[dict[str, str]]:
+    questions = ["What color is the shape?", "How many shapes are there?", "Which side are the shapes on?",
+                 "What shape is it?"]
+    answers = ["The shapes are red.", "There are 2 shapes.", "They are on the left.", "It is a circle."]
+    messages = []
+    for i in range(turns):
+        messages += [{"role": "user", "content": questions[i % 4]}, {"role": "assistant", "content": answers[i % 4]}]
+    return messages + [{"role": "user", "content": "Describe the image in detail."}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/demo", help="a trained run directory (phiclip demo makes runs/demo)")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--run", default="runs/demo", help="a trained run or PhiClip folder (phiclip demo makes runs/demo)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--turns", type=int, default=24, help="earlier Q/A turns in the prompt (24: ~600 positions)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for the two cached methods")
     args = parser.parse_args()
 
     chat = VisionChat.load(args.run)
-    image = Image.new("RGB", (64, 64), (220, 40, 40))
-    question = {"role": "user", "content": "Describe the image in detail."}
-    history = [
-        {"role": "user", "content": "What color is the shape?"},
-        {"role": "assistant", "content": "The shapes are red."},
-        {"role": "user", "content": "How many shapes are there?"},
-        {"role": "assistant", "content": "There are 2 shapes."},
-        {"role": "user", "content": "Which side are the shapes on?"},
-        {"role": "assistant", "content": "They are on the left."},
-    ]
-    model = chat.model
-    n = args.new_tokens
+    model, n = chat.model, args.new_tokens
+    messages = chat_history(args.turns)
+    inputs = chat.model_inputs([messages], [Image.new("RGB", (64, 64), (220, 40, 40))])
+    positions = chat.prompt_length(messages, with_image=True)
     print(f"model: {args.run}  device: {chat.device}  threads: {torch.get_num_threads()}")
-    print(f"{n} new tokens, {chat.n_image_tokens} image tokens per prompt, best of {args.repeats}")
-    print(f"{'prompt':<26}{'tokens':>7}{'no cache s':>12}{'tok/s':>8}{'generate s':>12}{'tok/s':>8}{'speedup':>9}{'same':>6}")
-    for name, messages in (("one question", [question]), ("question after 3 turns", history + [question])):
-        inputs = chat.model_inputs([messages], [image])
-        cached_generate(model, inputs, 2)  # warm-up
-        t_cache, out_cache = timed(lambda: cached_generate(model, inputs, n), args.repeats)
-        t_naive, out_naive = timed(lambda: naive_loop(model, inputs, n), args.repeats)
-        same = torch.equal(out_cache[:, -n:], out_naive[:, -n:])
-        speedup = t_naive / t_cache
-        print(f"{name:<26}{inputs['input_ids'].shape[1]:>7}{t_naive:>12.2f}{n / t_naive:>8.1f}"
-              f"{t_cache:>12.2f}{n / t_cache:>8.1f}{speedup:>8.2f}x{str(same):>6}")
-    print(f"speedup: {speedup:.2f}x")
+    print(f"prompt: {positions} positions ({chat.n_image_tokens} image, {args.turns} earlier turns); "
+          f"{n} new tokens, greedy; best of {args.repeats} (recipe loop: 1 run)")
+    phiclip_generate(model, inputs, 2)  # warm-up
+    transformers_generate(model, inputs, 2)
+    rows = [
+        ("PhiClip generate()", *timed(lambda: phiclip_generate(model, inputs, n), args.repeats)),
+        ("transformers generate(inputs_embeds)", *timed(lambda: transformers_generate(model, inputs, n), args.repeats)),
+        ("recipe loop (full forward per token)", *timed(lambda: recipe_loop(model, inputs, n), 1)),
+    ]
+    ours = rows[0][1]
+    print(f"{'method':<40}{'seconds':>9}{'tok/s':>8}{'PhiClip is':>12}")
+    for name, seconds, _ in rows:
+        print(f"{name:<40}{seconds:>9.2f}{n / seconds:>8.1f}{seconds / ours:>11.2f}x")
+    same = all(torch.equal(rows[0][2], out) for _, _, out in rows[1:])
+    print(f"same tokens from all three: {same}")
+    if not same:
+        raise SystemExit("the three methods disagree: the comparison is void")
+    print(f"vs transformers generate: {rows[1][1] / ours:.2f}x")
+    print(f"speedup: {rows[2][1] / ours:.2f}x")
+
 
 if __name__ == "__main__":
     main()

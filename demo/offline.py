@@ -17,6 +17,7 @@ PREFIX = "offline:"
 SMOLLM2 = "smollm2-135m-instruct"
 SHAPES_TOWER = "shapes-tower"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_NAMES = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # where the offline copies come from
 
 
 def cache_dir() -> Path:

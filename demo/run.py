@@ -6,6 +6,7 @@
 4. Stage-2 training (projector + LoRA) with the demo config.
 5. Held-out evaluation through ``phiclip eval``'s code: ``eval.json`` + ``report.html``.
 6. One image answer and one text-only answer (base LM, adapter disabled).
+7. The Hub-ready folder ``RUN/model``: a model card whose examples the model answered.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from chat.assistant import GenerationSettings, VisionChat
 from demo import offline
 from modeling_phiclip import PROJECTOR_FILE
 from train.rundir import MODEL_DIR
+from train.push import answered_card, example_questions
 from train.run import train
 
 N_TRAIN_IMAGES = 720  # 90 steps of 8 packed conversations: ~9 minutes on 2 CPU cores
 N_EVAL_IMAGES = 60  # x 4 question types = 240 held-out questions
 SEED = 0
 TEXT_QUESTION = "What is the capital of France?"
+DEMO_REPO = "phiclip/smollm2-shapes-demo"  # the card's links; `phiclip push` writes them for the real repo
 
 
 def demo_config_path() -> Path:
@@ -89,6 +92,17 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
     print(f"[text only, base LM] {TEXT_QUESTION}\n  -> {text_answer}")
     metrics["text_only_answer"] = text_answer
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+
+    _step("Hub-ready folder: model card with the model's own answers")
+    model_dir = out / MODEL_DIR
+    card, files = answered_card(chat, DEMO_REPO, example_questions(data.eval_json, data.images_dir, 3),
+                                license="apache-2.0", base_models=[offline.HUB_NAMES[offline.SMOLLM2]])
+    (model_dir / "README.md").write_text(card, encoding="utf-8")
+    for name, path in files.items():
+        (model_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, model_dir / name)
+    print(f"{model_dir}  (push it: phiclip push {out} YOU/phiclip-demo)")
+    print(f'load it as a Hub user: AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=True)')
 
     print(f"\nrun directory: {out}  (try: phiclip chat {out} --image IMAGE \"What color is the shape?\")")
     print(f"demo took {time.time() - started:.0f} s")

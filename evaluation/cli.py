@@ -26,7 +26,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_dir, data = Path(args.run_dir), Path(args.data)
     images = args.images if args.images is not None else str(data.parent)
-    out = Path(args.out) if args.out else run_dir / "eval" / data.stem
+    if args.out:
+        out = Path(args.out)
+    elif run_dir.is_dir():
+        out = run_dir / "eval" / data.stem
+    else:  # a Hub repo id
+        out = Path("runs") / "eval" / str(args.run_dir).replace("/", "--") / data.stem
     chat = VisionChat.load(run_dir)
     try:
         result = evaluate_run(
@@ -58,7 +63,7 @@ def add_subparser(subparsers) -> None:
         description="Answer every item of DATA with the run and score the answers. Writes metrics.json, "
         "answers.jsonl and a self-contained report.html.",
     )
-    p.add_argument("run_dir", nargs="?", help="run directory")
+    p.add_argument("run_dir", nargs="?", help="training run directory, PhiClip folder or Hub repo id")
     p.add_argument("data", nargs="?", help="LLaVA JSON/JSONL eval set (gpt turn or 'answers' list as reference)")
     p.add_argument("--images", default=None, help="images folder (default: the folder of DATA)")
     p.add_argument("--metric", choices=METRICS, default="auto",
@@ -68,7 +73,7 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompt-suffix", default="",
                    help="appended to every question, e.g. 'Answer the question using a single word or phrase.'")
-    p.add_argument("--out", help="output folder (default: RUN_DIR/eval/<DATA name>)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/eval/<DATA name>; runs/eval/<repo>/... for a repo id)")
     p.add_argument("--compare", nargs="+", metavar="RUN_OR_METRICS",
                    help="print one table from the metrics.json of these runs / eval folders / files")
     p.set_defaults(func=_eval)

@@ -28,6 +28,7 @@ pip_install() {  # quiet; drops pip's notes about this machine's missing local i
 }
 pip_install "$TORCH"
 pip_install "$TORCH" "${PACKAGES[@]}"
-"$VENV/bin/python" -c "import torch, transformers, peft; assert transformers.__version__.startswith('4.57.'), transformers.__version__"
+"$VENV/bin/python" -c "import torch, transformers, peft
+assert transformers.__version__.startswith('4.57.'), transformers.__version__"
 echo "$WANT" > "$STAMP"
 echo "transformers 4.57 side environment set up in $VENV"

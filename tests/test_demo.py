@@ -77,3 +77,69 @@ def test_chat_cli_streams_an_answer(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert scene.side in out.stdout.lower()
+
+
+HUB_USER = """
+import json, sys
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+folder, items_path, out = sys.argv[1:4]
+items = json.load(open(items_path))
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+answers = []
+for start in range(0, len(items), 16):
+    batch = items[start:start + 16]
+    inputs = processor(images=[Image.open(i["image"]) for i in batch], text=[i["question"] for i in batch],
+                       return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=24)
+    answers += processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+piped = []
+for item in items[:12]:
+    messages = [{"role": "user", "content": [{"type": "image", "image": item["image"]},
+                                             {"type": "text", "text": item["question"]}]}]
+    piped.append(pipe(text=messages, generate_kwargs={"max_new_tokens": 24}, return_full_text=False)[0]["generated_text"])
+text = pipeline("text-generation", model=folder, trust_remote_code=True)
+reply = text([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=32, do_sample=False)
+json.dump({"answers": answers, "pipeline": piped, "text": reply[0]["generated_text"][-1]["content"],
+           "class": type(model).__name__}, open(out, "w"))
+"""
+
+
+def test_hub_user_loads_the_demo_folder_and_answers_held_out_questions(metrics, tmp_path):
+    """A fresh Python without PhiClip: auto classes and pipelines on runs/demo/model, held-out accuracy kept."""
+    from helpers import without_project
+
+    from evaluation.metrics import exact_match
+
+    held_out, _ = read_records(metrics["data"])
+    images = load_config(DEMO / "config.yaml").data.images
+    items = [{"image": str(Path(images) / r.image), "question": r.turns[0].content.replace("<image>", "").strip(),
+              "answer": r.turns[1].content} for r in held_out]
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    root = Path(__file__).resolve().parents[1]
+    script = without_project(root) + HUB_USER
+    out = subprocess.run([sys.executable, "-c", script, str(DEMO / "model"), str(tmp_path / "items.json"),
+                          str(tmp_path / "out.json")], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["class"] == "PhiClipForCausalLM"
+    scores = [exact_match(a, [item["answer"]]) for a, item in zip(result["answers"], items)]
+    assert len(scores) >= 200 and sum(scores) / len(scores) >= 0.90
+    assert [a.strip() for a in result["pipeline"]] == [a.strip() for a in result["answers"][:12]]
+    assert "Paris" in result["text"]
+
+
+def test_demo_folder_is_hub_ready():
+    from huggingface_hub import ModelCard
+
+    folder = DEMO / "model"
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text" and "custom_code" in card.data.tags
+    widget = card.data.widget
+    assert len(widget) == 3 and all(w["output"]["text"] for w in widget)
+    assert all((folder / w["src"].split("/resolve/main/")[1]).is_file() for w in widget)
+    assert not (folder / "adapter_config.json").exists() and (folder / "adapter" / "adapter_config.json").is_file()

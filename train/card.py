@@ -7,6 +7,7 @@ answer this model gave when the card was written) are what visitors see.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
@@ -79,6 +80,10 @@ Answers the model gave to these questions when this card was written (greedy dec
 """
 
 
+def _is_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
 @dataclass
 class Example:
     image_file: str  # path inside the repository, e.g. examples/0.png
@@ -95,15 +100,21 @@ def model_card(
     datasets: list[str] | None = None,
     license: str = "mit",
     image_tokens: int | None = None,
+    base_models: list[str] | None = None,
 ) -> ModelCard:
-    """A card for ``repo_id`` whose widget shows ``examples`` (served from the repository itself)."""
+    """A card for ``repo_id`` whose widget shows ``examples`` (served from the repository itself).
+
+    ``base_models`` defaults to the LM and the tower when they are Hub ids (local paths are left out).
+    """
+    if base_models is None:
+        base_models = [name for name in (config.text_model, config.vision_model) if _is_repo_id(name)]
     for example in examples:
         example.src = f"{endpoint}/{repo_id}/resolve/main/{example.image_file}"
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         license=license,
-        base_model=[config.text_model, config.vision_model],
+        base_model=base_models or None,
         datasets=datasets or None,
         tags=["phiclip", "custom_code", "llava", "vision", "image-text-to-text"],
         widget=[{"src": e.src, "text": e.question, "output": {"text": e.answer}} for e in examples],

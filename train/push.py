@@ -44,6 +44,24 @@ def default_examples(source: str | Path, n: int) -> list[tuple[Path, str]]:
     return example_questions(data, cfg.data.images, n) if data and Path(data).is_file() else []
 
 
+def answered_card(
+    chat: VisionChat, repo_id: str, examples: list[tuple[Path, str]], *, datasets: list[str] | None = None,
+    license: str = "mit", max_new_tokens: int = 48, base_models: list[str] | None = None,
+) -> tuple[str, dict[str, Path]]:
+    """The model card, its examples answered by the model now, and the example images (repo path -> file)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    written: list[Example] = []
+    files: dict[str, Path] = {}
+    for i, (image_path, question) in enumerate(examples):
+        answer = chat.answer([{"role": "user", "content": question}], open_image(str(image_path)), settings)
+        name = f"{EXAMPLES_DIR}/{i}{Path(image_path).suffix.lower() or '.png'}"
+        files[name] = Path(image_path)
+        written.append(Example(name, question, answer))
+    card = model_card(repo_id, chat.model.config, written, constants.ENDPOINT, datasets, license, chat.n_image_tokens,
+                      base_models)
+    return str(card), files
+
+
 def push(
     source: str | Path,
     repo_id: str,
@@ -53,20 +71,10 @@ def push(
     license: str = "mit",
     private: bool | None = None,
     token: str | None = None,
-    max_new_tokens: int = 48,
 ):
     """Push the model at ``source`` (run directory, PhiClip folder or repo id) to ``repo_id``; returns the commit."""
     chat = VisionChat.load(source)
     examples = default_examples(source, 3) if examples is None else examples
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    written: list[Example] = []
-    files: dict[str, Path] = {}
-    for i, (image_path, question) in enumerate(examples):
-        answer = chat.answer([{"role": "user", "content": question}], open_image(str(image_path)), settings)
-        name = f"{EXAMPLES_DIR}/{i}{Path(image_path).suffix.lower() or '.png'}"
-        files[name] = Path(image_path)
-        written.append(Example(name, question, answer))
-    card = model_card(repo_id, chat.model.config, written, constants.ENDPOINT, datasets, license,
-                      chat.n_image_tokens)
-    return chat.model.push_to_hub(repo_id, processor=chat.processor, model_card=str(card), extra_files=files,
+    card, files = answered_card(chat, repo_id, examples, datasets=datasets, license=license)
+    return chat.model.push_to_hub(repo_id, processor=chat.processor, model_card=card, extra_files=files,
                                   private=private, token=token)

@@ -1,0 +1,59 @@
+"""PhiClipProcessor: prompts rendered and tokenized exactly as training does, content parts, batches, padding."""
+
+import pytest
+from helpers import tokenizer_with_template
+from PIL import Image
+
+from processing_phiclip import PhiClipProcessor
+from train.template import encode_prompt
+
+
+@pytest.fixture(params=["chatml", "phi3", "llama3"])
+def processor(request, smol_tokenizer_dir, tiny_clip_dir):
+    from transformers import AutoImageProcessor
+
+    tok = tokenizer_with_template(smol_tokenizer_dir, request.param)
+    return PhiClipProcessor.from_parts(AutoImageProcessor.from_pretrained(tiny_clip_dir), tok, "Answer briefly.")
+
+
+def _image():
+    return Image.new("RGB", (40, 40), (200, 30, 30))
+
+
+def test_question_with_image_is_the_training_prompt(processor):
+    expected = encode_prompt(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat colour is it?"}])
+    string_form = processor(images=_image(), text="What colour is it?")["input_ids"][0]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What colour is it?"},
+                                          {"type": "image", "image": _image()}]}]
+    chat_form = processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(string_form) == expected == list(chat_form["input_ids"][0])
+    assert expected.count(processor.image_token_id) == 1
+    assert "Answer briefly." in processor.decode(expected)
+
+
+def test_multi_turn_history_matches_training(processor):
+    messages = [{"role": "user", "content": "<image>\nWhat colour is it?"}, {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": "And the shape?"}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor(images=_image(), text=rendered)["input_ids"][0]
+    assert list(ids) == encode_prompt(processor.tokenizer, messages)
+
+
+def test_batch_is_left_padded_and_images_follow_their_texts(processor):
+    batch = processor(images=[_image(), Image.new("RGB", (40, 40))], text=["Colour?", "What is in the picture here?"],
+                      return_tensors="pt")
+    assert batch["pixel_values"].shape[0] == 2
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [1, 1]
+
+
+def test_marker_and_image_counts_must_agree(processor):
+    with pytest.raises(ValueError, match=r"text 0: 2 <image> token\(s\) but 1 image"):
+        processor(images=[_image()], text="<image><image> two?")
+    with pytest.raises(ValueError, match="text is required"):
+        processor(images=[_image()])
+
+
+def test_post_process_decodes_rows(processor):
+    ids = processor(text=["hello there"], return_tensors="pt")["input_ids"]
+    assert processor.post_process_image_text_to_text(ids) == [processor.decode(ids[0], skip_special_tokens=True)]
