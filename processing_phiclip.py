@@ -70,8 +70,9 @@ class PhiClipProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
     _auto_class = "AutoProcessor"  # save_pretrained writes the auto_map that trust_remote_code loading needs
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if not hasattr(ProcessorMixin, "get_attributes"):  # transformers 4.x finds sub-processors by these names
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None,
                  image_token: str = "<image>", **kwargs: Any) -> None:
