@@ -68,6 +68,11 @@ def test_push_then_load_by_repo_id_revision_and_pipeline(tiny_run, tmp_path):
                                 env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert pushed.returncode == 0, pushed.stderr[-3000:] + "\n".join(hub.unknown_requests())
         shas = json.loads((tmp_path / "push.json").read_text())
+        cli = subprocess.run([sys.executable, "-m", "phiclip_cli", "push", str(tiny_run), "local-user/from-cli"],
+                             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert cli.returncode == 0, cli.stderr[-3000:]
+        assert f"revision={hub.commits('local-user/from-cli')[-1]!r}" in cli.stdout
+        assert "examples/0.png" in hub.files("local-user/from-cli")  # default examples: the run's own data
         files = hub.files(REPO, shas["first"])
         for name in ("config.json", "configuration_phiclip.py", "modeling_phiclip.py", "processing_phiclip.py",
                      "projector.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
