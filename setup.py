@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     py_modules=["configuration_phiclip", "modeling_phiclip", "processing_phiclip", "phiclip_cli"],
     packages=["train", "train.configs", "chat", "serve", "evaluation", "export", "prepare", "demo"],
-    package_data={"train.configs": ["*.yaml"]},
+    package_data={"train.configs": ["*.yaml", "accelerate/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

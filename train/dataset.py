@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from train.images import ImageError, ImageResolver, open_image
 from train.records import Record, Report
@@ -60,6 +61,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         drop_punctuation: bool = False,
     ) -> None:
         self.image_processor = image_processor
+        self.n_image_tokens = n_image_tokens
         self.report = report
         self.examples: list[Example] = []
         self.bad_images: dict[str, str] = {}  # image path -> why it cannot be used
@@ -88,6 +90,11 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """LM positions of each example (an image counts as its features), known without opening an image."""
+        return [len(e.encoded.input_ids) + (self.n_image_tokens - 1) * (e.image_path is not None) for e in self.examples]
 
     def pixels(self, path: str) -> torch.Tensor:
         image = open_image(path)
@@ -151,3 +158,21 @@ class Collator:
         if failed:
             batch[IMAGE_ERRORS] = failed
         return batch
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order (shuffled, then sorted by length within groups of batches), drawn
+    from ``seed`` and the epoch, so that a resumed run and every process see the same order."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at the start of each epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()

@@ -16,24 +16,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments, set_seed
+from accelerate.utils import gather_object
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
+from modeling_phiclip import ADAPTER_DIR, PROJECTOR_FILE, VISION_FILE
 from train.config import RunConfig
 from train.dataset import Collator, LlavaDataset, in_validation
 from train.images import ImageResolver
 from train.records import Record, Report, read_records
-from modeling_phiclip import ADAPTER_DIR, PROJECTOR_FILE, VISION_FILE
 from train.build import Built, build_model, default_device
 from train.lora import attach_lora, load_lora
 from train.weights import load_trainable
 from train.plots import plot_losses
 from train.rundir import MODEL_DIR, model_dir
 from train.trainer import PhiClipTrainer
-
 
 
 def split_records(
@@ -116,14 +117,20 @@ def _training_args(cfg: RunConfig, out: Path, device: torch.device, dtype: torch
         use_cpu=device.type == "cpu",
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
+        ddp_find_unused_parameters=True,  # a batch without images leaves the projector out of the backward pass
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to=t.report_to,
         disable_tqdm=False,
         eval_strategy="no",
     )
 
 
-def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = None) -> Path:
-    """Train as configured; returns the run directory. ``resume`` continues from the last checkpoint."""
+def train(
+    cfg: RunConfig, resume: bool = False, device: torch.device | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path:
+    """Train as configured; returns the run directory. ``resume`` continues from the last checkpoint;
+    ``callbacks`` are added to the trainer's (the throughput benchmark times steps with one)."""
     out = Path(cfg.train.output_dir)
     if not cfg.data.train:
         raise ValueError("data.train: no training data given")
@@ -133,9 +140,11 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
         )
     if (out / MODEL_DIR / PROJECTOR_FILE).exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; pick another train.output_dir or use continue_from")
-    out.mkdir(parents=True, exist_ok=True)
+    main = _is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
-    device = device or default_device()
+    device = device or _process_device()
 
     records, report = read_records(cfg.data.train, limit=cfg.data.max_records)
     eval_ids: set[str] = set()
@@ -151,7 +160,8 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
     train_set = _dataset(cfg, built, train_records, report)
     if len(train_set) == 0:
         raise ValueError(f"no usable training records in {cfg.data.train}:\n{report.summary()}")
-    print(report.summary(show=10), flush=True)
+    if main:
+        print(report.summary(show=10), flush=True)
     val_set = _dataset(cfg, built, val_records, Report()) if val_records else None
 
     dtype = next(model.projector.parameters()).dtype
@@ -161,10 +171,15 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
         train_dataset=train_set,
         eval_dataset=val_set,
         data_collator=Collator(built.tokenizer.pad_token_id),
+        callbacks=callbacks,
         projector_lr=cfg.train.projector_learning_rate,
+        supervised_logits_only=cfg.train.supervised_logits_only,
     )
     trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
     metrics = trainer.evaluate() if val_set is not None else {}
+    for bad_images in gather_object([train_set.bad_images]):  # images other processes found unreadable
+        for path, reason in bad_images.items():
+            train_set.exclude_image(path, reason)
 
     if not trainer.is_world_process_zero():
         return out
@@ -176,6 +191,17 @@ def train(cfg: RunConfig, resume: bool = False, device: torch.device | None = No
     plot_losses(history, out / "loss.png")
     _append_round(out, cfg, trainer.state.global_step, len(train_set), metrics)
     return out
+
+
+def _process_device() -> torch.device:
+    """This process's device: under ``accelerate launch`` or ``torchrun`` each process drives its local rank's GPU."""
+    device = default_device()
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launched group, or a lone process: the only one that writes the run directory."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def _has_checkpoint(out: Path) -> bool:

@@ -1,12 +1,14 @@
-"""HF ``Trainer`` with phiclip's checkpoint layout, a separate projector learning rate, and bad images
-reported from the data loader's workers."""
+"""HF ``Trainer`` with phiclip's checkpoint layout, a separate projector learning rate, bad images
+reported from the data loader's workers, and the LM head run only where the loss needs it."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import Trainer
 
-from train.dataset import IMAGE_ERRORS, LlavaDataset
+from train.dataset import IMAGE_ERRORS, EpochLengthGroupedSampler, LlavaDataset
+from train.loss import supervised_logits_inputs
 from train.weights import load_trainable
 
 
@@ -18,9 +20,35 @@ class PhiClipTrainer(Trainer):
     state that the stock Trainer restores itself.
     """
 
-    def __init__(self, *args, projector_lr: float, **kwargs) -> None:
+    def __init__(self, *args, projector_lr: float, supervised_logits_only: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.supervised_logits_only = supervised_logits_only
+        self._tokens_per_image: int | None = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self._groups_by_length(dataset):
+            # Grouped by the batch of one optimiser step over all processes: every process draws the same
+            # order and takes its share of each such batch, as one process with the whole batch would.
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return EpochLengthGroupedSampler(batch, dataset.lengths, self._data_seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation keeps its sequential order (and so its loss value) under ``group_by_length``."""
+        if self._groups_by_length(eval_dataset):
+            return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+        return super()._get_eval_sampler(eval_dataset)
+
+    def _groups_by_length(self, dataset) -> bool:
+        """``group_by_length`` on our dataset, which knows its lengths from tokenizing: transformers' own
+        samplers would load every item, decoding every image, just to measure it."""
+        return self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, LlavaDataset)
+
+    @property
+    def _data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The stock Trainer's optimizer, with the projector's parameters at their own learning rate.
@@ -50,16 +78,26 @@ class PhiClipTrainer(Trainer):
             )
         return self.optimizer
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        """Images that data loader workers could not decode are recorded here, in the main process."""
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The stock loss, with logits only at supervised positions in training (:mod:`train.loss`).
+
+        Images that data loader workers could not decode are recorded here, in the main process.
+        """
         for path, reason in inputs.pop(IMAGE_ERRORS, ()):
             for dataset in (self.train_dataset, self.eval_dataset):
                 if isinstance(dataset, LlavaDataset):
                     dataset.exclude_image(path, reason)
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if (self.supervised_logits_only and not return_outputs and "labels" in inputs
+                and self.label_smoother is None and self.compute_loss_func is None):
+            if self._tokens_per_image is None:
+                self._tokens_per_image = self.model.image_token_count()
+            inputs = {**inputs, **supervised_logits_inputs(
+                inputs, image_token_id=self.model.config.image_token_id, tokens_per_image=self._tokens_per_image)}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        self.model.save_pretrained(output_dir or self.args.output_dir)
+        # transformers 5 calls _save on every rank: only the one that should save writes.
+        self.model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_trainable(model or self.model, resume_from_checkpoint)

@@ -1,0 +1,394 @@
+"""Training throughput: PhiClip's training path against the plain transformers ``Trainer`` recipe (and TRL's).
+
+The same model (SmolLM2-135M-Instruct + the demo's shapes tower, projector from the same fixed-seed
+init) trains on the same samples (the first ``--samples`` records of the demo's shapes data, as they
+come: one image and four question/answer turns each; answers and their end-of-turn token are
+supervised), batch 8, LoRA r=16 (alpha 32, no dropout) on every linear layer of the LM and the
+projector trained, fp32, the demo's optimiser settings:
+
+- ``phiclip``: ``train.run.train`` on ``configs/demo.yaml``, as ``phiclip train`` runs it
+  (``PhiClipTrainer``, ``LlavaDataset``, ``Collator``);
+- ``plain``: transformers ``Trainer`` on the equivalent ``LlavaForConditionalGeneration``
+  (``export.checkpoint.to_llava`` of a freshly built, untrained PhiClip model), PEFT LoRA on the LM's
+  linears with the projector in ``modules_to_save``, and a hand-written collator that renders the
+  chat, runs ``LlavaProcessor`` and masks everything but the answers;
+- ``trl``: TRL's ``SFTTrainer`` VLM recipe on that Llava model (``assistant_only_loss`` with a
+  ChatML template carrying ``{% generation %}`` markers), when TRL is installed.
+
+Each tool runs in a fresh subprocess, the tools alternating, ``--rounds`` times; every run takes
+``--warmup`` untimed steps and then ``--steps`` timed ones (a step's time is the wall time from the
+end of the previous step: loading and collating its batch, forward, backward, optimiser, logging).
+The table gives per tool: median step time, samples/s, real (attended) and padded LM positions per
+sample, supervised tokens per sample, real tokens/s, peak RSS, and utilisation = 4 x LM parameters
+x real tokens/s / the fp32 matmul peak measured here (a large ``torch.mm``). All tools use the
+Trainer's seeded sampler, so their first batch is the same: the first logged losses must agree.
+It ends with ``speedup: <x>``, PhiClip samples/s / plain Trainer samples/s.
+
+    python benchmarks/train_throughput.py [--steps 30] [--warmup 2] [--rounds 2] [--tools phiclip,plain,trl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM_PROMPT = "You answer questions about images."  # configs/demo.yaml's
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+SEED = 42
+# SmolLM2's ChatML with the answer and its <|im_end|> inside generation markers (TRL's assistant_only_loss).
+CHATML_TRAINING = (
+    "{%- macro text(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
+    "{%- for part in content -%}{%- if part['type'] == 'image' -%}<image>{%- elif part['type'] == 'text' -%}"
+    "{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ text(message['content']) + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{%- else -%}{{ text(message['content']) + '<|im_end|>\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+# ---- measuring, in every worker -----------------------------------------------------------------
+
+
+class Probe(TrainerCallback):
+    """Step wall times, logged losses and the LM positions of every training batch."""
+
+    def __init__(self, extra_per_image: int) -> None:
+        self.extra_per_image = extra_per_image  # positions an image adds beyond its one token in input_ids
+        self.ends: list[float] = []
+        self.losses: list[float] = []
+        self.tokens: list[tuple[int, int, int, int]] = []  # (rows, real, padded, supervised) per batch
+        self.image_token_id: int | None = None
+        self.initial_loss = float("nan")
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:
+        """The untrained model's loss on the data's first batch (the same samples for every tool), then start timing."""
+        data, batch_size = train_dataloader.dataset, args.per_device_train_batch_size
+        batch = train_dataloader.collate_fn([data[i] for i in range(batch_size)])
+        with torch.no_grad():
+            self.initial_loss = float(model(**batch).loss)
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.ends.append(time.perf_counter())
+
+    def _count(self, module, args, kwargs) -> None:
+        if not module.training:
+            return
+        ids, mask, labels = kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"]
+        images = (ids == self.image_token_id) & mask.bool()
+        lengths = mask.sum(1) + self.extra_per_image * images.sum(1)
+        supervised = int((labels[:, 1:] != -100).sum())
+        self.tokens.append((ids.shape[0], int(lengths.sum()), ids.shape[0] * int(lengths.max()), supervised))
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.ends.append(time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    def result(self, warmup: int, lm_params: int) -> dict[str, Any]:
+        steps = [b - a for a, b in zip(self.ends, self.ends[1:])]
+        rows = sum(t[0] for t in self.tokens)
+        return {
+            "step_times": steps[warmup:],
+            "initial_loss": self.initial_loss,
+            "losses": self.losses,
+            "real": sum(t[1] for t in self.tokens) / rows,
+            "padded": sum(t[2] for t in self.tokens) / rows,
+            "supervised": sum(t[3] for t in self.tokens) / rows,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "lm_params": lm_params,
+        }
+
+
+def lm_parameters(model) -> int:
+    """Parameters of the base LM (tied embeddings counted once, LoRA excluded)."""
+    return sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" not in n)
+
+
+def demo_config(workdir: Path, args: argparse.Namespace, overrides: list[str]):
+    from demo.offline import cache_dir
+    from train.config import load_config
+
+    data = cache_dir() / "shapes-data"
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.train={data / 'train.json'}", f"data.images={data / 'images'}", f"data.max_records={args.samples}",
+        f"train.output_dir={workdir / 'run'}", f"train.batch_size={args.batch}", "train.grad_accum=1",
+        f"train.max_steps={args.warmup + args.steps}", "train.save_steps=100000", "train.logging_steps=1",
+        f"train.seed={SEED}", f"lora.r={LORA['r']}", f"lora.alpha={LORA['lora_alpha']}",
+        f"lora.dropout={LORA['lora_dropout']}", f"data.system_prompt={SYSTEM_PROMPT}", *overrides,
+    ])
+
+
+def run_phiclip(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from train.run import train
+
+    cfg = demo_config(workdir, args, args.phiclip_override)
+    probe = Probe(extra_per_image=0)
+    counted: dict[str, int] = {}
+
+    class Setup(TrainerCallback):  # the model exists only inside train(): read what the probe needs from it
+        def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+            probe.image_token_id = model.config.image_token_id
+            probe.extra_per_image = model.image_token_count() - 1
+            counted["lm_params"] = lm_parameters(model)
+
+    train(cfg, callbacks=[Setup(), probe])
+    return probe.result(args.warmup, counted["lm_params"])
+
+
+# ---- the plain recipe ---------------------------------------------------------------------------
+
+
+def llava_and_processor(workdir: Path, args: argparse.Namespace):
+    """The PhiClip demo model, freshly built and untrained, as a standard Llava model, with a LlavaProcessor."""
+    from transformers import AutoTokenizer
+
+    from export.checkpoint import make_processor, to_llava
+    from train.build import IMAGE_TOKEN, build_model
+
+    cfg = demo_config(workdir, args, [])
+    built = build_model(cfg.model, system_prompt=SYSTEM_PROMPT)
+    lm_params = lm_parameters(built.model)
+    tokenizer = AutoTokenizer.from_pretrained(built.model.config.text_model)  # the LM's own, ChatML template
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    llava = to_llava(built.model)
+    processor = make_processor(tokenizer, built.image_processor, llava.config.vision_config,
+                               llava.config.vision_feature_select_strategy, built.n_image_tokens)
+    return llava.train(), processor, lm_params, cfg
+
+
+def chat_samples(cfg) -> list[dict[str, Any]]:
+    """The records as chat messages (system prompt first) and the image's path."""
+    from train.records import read_records
+
+    records, _ = read_records(cfg.data.train, limit=cfg.data.max_records)
+    samples = []
+    for record in records:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        messages += [{"role": t.role, "content": t.content.strip()} for t in record.turns]
+        samples.append({"messages": messages, "image": str(Path(cfg.data.images) / record.image)})
+    return samples
+
+
+class PromptMaskingCollator:
+    """Render each chat, let LlavaProcessor expand ``<image>`` and pad; supervise only the answers (+ <|im_end|>)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        self.header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        tokenizer = self.processor.tokenizer
+        texts = [tokenizer.apply_chat_template(s["messages"], tokenize=False) for s in samples]
+        images = [Image.open(s["image"]).convert("RGB") for s in samples]
+        batch = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        labels = torch.full_like(batch["input_ids"], -100)
+        width = len(self.header)
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            at = 0
+            while at < len(ids):
+                if ids[at:at + width] == self.header:
+                    start = at + width
+                    stop = ids.index(self.end, start) + 1
+                    labels[row, start:stop] = batch["input_ids"][row, start:stop]
+                    at = stop
+                else:
+                    at += 1
+        batch["labels"] = labels
+        return batch
+
+
+def training_arguments(cls, cfg, workdir: Path, **extra):
+    t = cfg.train
+    return cls(
+        output_dir=str(workdir / "out"), per_device_train_batch_size=t.batch_size, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, max_steps=t.max_steps,
+        logging_steps=1, save_strategy="no", seed=SEED, data_seed=SEED, use_cpu=True, report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, **extra,
+    )
+
+
+def run_plain(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    llava, processor, lm_params, cfg = llava_and_processor(workdir, args)
+    model = get_peft_model(llava, LoraConfig(**LORA, target_modules=LM_LINEARS,
+                                             modules_to_save=["multi_modal_projector"]))
+    probe = Probe(extra_per_image=0)
+    probe.image_token_id = llava.config.image_token_id
+    trainer = Trainer(model=model, args=training_arguments(TrainingArguments, cfg, workdir),
+                      train_dataset=chat_samples(cfg), data_collator=PromptMaskingCollator(processor),
+                      callbacks=[probe])
+    trainer.train()
+    return probe.result(args.warmup, lm_params)
+
+
+def content_parts(text: str) -> list[dict[str, str | None]]:
+    """TRL's typed message content, the image part where ``<image>`` stands in the text."""
+    before, image, after = text.partition("<image>")
+    parts = [{"type": "text", "text": before}] if before else []
+    if image:
+        parts.append({"type": "image", "text": None})
+        parts += [{"type": "text", "text": after}] if after else []
+    return parts
+
+
+def run_trl(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from datasets import Dataset, Image, Sequence
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    llava, processor, lm_params, cfg = llava_and_processor(workdir, args)
+    rows = [{"messages": [{"role": m["role"], "content": content_parts(m["content"])} for m in sample["messages"]],
+             "images": [sample["image"]]} for sample in chat_samples(cfg)]
+    dataset = Dataset.from_list(rows).cast_column("images", Sequence(Image()))
+    template = workdir / "chatml_training.jinja"
+    template.write_text(CHATML_TRAINING)
+    sft = training_arguments(SFTConfig, cfg, workdir, assistant_only_loss=True, chat_template_path=str(template),
+                             max_length=None)
+    probe = Probe(extra_per_image=0)
+    probe.image_token_id = llava.config.image_token_id
+    trainer = SFTTrainer(model=llava, args=sft, train_dataset=dataset, processing_class=processor,
+                         peft_config=LoraConfig(**LORA, target_modules=LM_LINEARS,
+                                                modules_to_save=["multi_modal_projector"]),
+                         callbacks=[probe])
+    trainer.train()
+    return probe.result(args.warmup, lm_params)
+
+
+WORKERS = {"phiclip": run_phiclip, "plain": run_plain, "trl": run_trl}
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+
+def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """Best fp32 ``torch.mm`` rate of this process's threads, in FLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def worker_command(tool: str, result: Path, args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, __file__, "--worker", tool, "--result", str(result), "--samples", str(args.samples),
+               "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    for item in args.phiclip_override:
+        command += ["--phiclip-override", item]
+    return command
+
+
+def summarise(runs: list[dict[str, Any]], batch: int, peak: float) -> dict[str, float]:
+    steps = [t for run in runs for t in run["step_times"]]
+    median = statistics.median(steps)
+    real = statistics.fmean(run["real"] for run in runs)
+    tokens_per_s = real * batch / median
+    return {
+        "step": median, "samples_s": batch / median, "real": real,
+        "padded": statistics.fmean(run["padded"] for run in runs),
+        "supervised": statistics.fmean(run["supervised"] for run in runs),
+        "tokens_s": tokens_per_s, "rss": max(run["peak_rss_mb"] for run in runs),
+        "util": 4 * runs[0]["lm_params"] * tokens_per_s / peak,
+    }
+
+
+def drive(args: argparse.Namespace) -> None:
+    tools = [t for t in args.tools.split(",") if t]
+    if "trl" in tools and importlib.util.find_spec("trl") is None:
+        print("trl: not installed beside this transformers; its column is left out")
+        tools.remove("trl")
+    peak = matmul_peak()
+    results: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
+    loads: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [(r, tool) for r in range(args.rounds) for tool in tools]
+        for r, tool in tqdm(runs, desc="runs", unit="run"):
+            result = Path(tmp) / f"{tool}-{r}.json"
+            done = subprocess.run(worker_command(tool, result, args), cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{tool} (round {r + 1}) failed:\n{done.stderr[-4000:]}")
+            results[tool].append(json.loads(result.read_text()))
+            loads.append(os.getloadavg()[0])
+    peak = max(peak, matmul_peak())
+
+    rows = {tool: summarise(runs, args.batch, peak) for tool, runs in results.items()}
+    print(f"\n{args.samples} samples (shapes data, 4 Q/A turns each), batch {args.batch}, LoRA r={LORA['r']} on "
+          f"every LM linear + projector, fp32, {torch.get_num_threads()} threads; {args.rounds} alternated runs "
+          f"per tool, each {args.warmup} warm-up + {args.steps} timed steps")
+    print(f"fp32 matmul peak (torch.mm 4096^2): {peak / 1e9:.0f} GFLOP/s; LM parameters "
+          f"{results[tools[0]][0]['lm_params'] / 1e6:.1f}M; 1-min load average after each run "
+          f"{min(loads):.1f}-{max(loads):.1f} (the run's own threads count ~2; more means other work shared the CPU)")
+    header = (f"{'tool':<9}{'step s':>8}{'samples/s':>11}{'real tok':>10}{'padded':>8}{'superv.':>9}"
+              f"{'tok/s':>8}{'RSS MB':>8}{'util':>7}")
+    print(header)
+    print("-" * len(header))
+    for tool, row in rows.items():
+        print(f"{tool:<9}{row['step']:>8.3f}{row['samples_s']:>11.2f}{row['real']:>10.1f}{row['padded']:>8.1f}"
+              f"{row['supervised']:>9.1f}{row['tokens_s']:>8.0f}{row['rss']:>8.0f}{row['util']:>7.0%}")
+
+    initial = {tool: [run["initial_loss"] for run in runs] for tool, runs in results.items()}
+    reference = initial[tools[0]][0]
+    spread = max(abs(loss - reference) / reference for losses in initial.values() for loss in losses)
+    first = {tool: [run["losses"][0] for run in runs] for tool, runs in results.items()}
+    for what, values, digits in (("untrained model's loss on the first batch", initial, 6),
+                                 ("first logged training loss", first, 4)):
+        print(f"{what}: " + ", ".join(f"{tool} " + " / ".join(f"{x:.{digits}f}" for x in losses)
+                                      for tool, losses in values.items()))
+    agree = spread < 1e-4
+    print(f"initial losses {'agree' if agree else 'DISAGREE'} (largest relative difference {spread:.1e})")
+    if "phiclip" in rows and "plain" in rows:
+        print(f"speedup: {rows['phiclip']['samples_s'] / rows['plain']['samples_s']:.2f}x")
+    if not agree:
+        sys.exit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tools", default="phiclip,plain,trl")
+    parser.add_argument("--phiclip-override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for PhiClip's run (to measure one setting against another)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is None:
+        drive(args)
+        return
+    torch.manual_seed(SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = WORKERS[args.worker](Path(tmp), args)
+    args.result.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
