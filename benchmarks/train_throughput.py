@@ -13,16 +13,21 @@ projector trained, fp32, the demo's optimiser settings:
   linears with the projector in ``modules_to_save``, and a hand-written collator that renders the
   chat, runs ``LlavaProcessor`` and masks everything but the answers;
 - ``trl``: TRL's ``SFTTrainer`` VLM recipe on that Llava model (``assistant_only_loss`` with a
-  ChatML template carrying ``{% generation %}`` markers), when TRL is installed.
+  ChatML template carrying ``{% generation %}`` markers, ``peft_config``; its bf16 and gradient
+  checkpointing defaults switched off), when TRL is installed.
 
 Each tool runs in a fresh subprocess, the tools alternating, ``--rounds`` times; every run takes
 ``--warmup`` untimed steps and then ``--steps`` timed ones (a step's time is the wall time from the
 end of the previous step: loading and collating its batch, forward, backward, optimiser, logging).
 The table gives per tool: median step time, samples/s, real (attended) and padded LM positions per
 sample, supervised tokens per sample, real tokens/s, peak RSS, and utilisation = 4 x LM parameters
-x real tokens/s / the fp32 matmul peak measured here (a large ``torch.mm``). All tools use the
-Trainer's seeded sampler, so their first batch is the same: the first logged losses must agree.
-It ends with ``speedup: <x>``, PhiClip samples/s / plain Trainer samples/s.
+x real tokens/s / the fp32 matmul peak measured here (a large ``torch.mm``). Two loss checks: before
+training, each tool's untrained model computes ``model(**batch).loss`` on the data's first 8
+samples through its own collator, and the values must agree across tools (same model, same data;
+the first logged losses are printed too, but PhiClip's length-grouped sampler starts on another
+batch); and each tool's first logged loss must equal ``model(**batch).loss`` on that step's batch
+(PhiClip's loss is computed another way, see ``train/loss.py``). It ends with ``speedup: <x>``,
+PhiClip samples/s / plain Trainer samples/s.
 
     python benchmarks/train_throughput.py [--steps 30] [--warmup 2] [--rounds 2] [--tools phiclip,plain,trl]
 """
@@ -75,7 +80,7 @@ class Probe(TrainerCallback):
         self.losses: list[float] = []
         self.tokens: list[tuple[int, int, int, int]] = []  # (rows, real, padded, supervised) per batch
         self.image_token_id: int | None = None
-        self.initial_loss = float("nan")
+        self.initial_loss = self.first_batch_loss = float("nan")
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:
         """The untrained model's loss on the data's first batch (the same samples for every tool), then start timing."""
@@ -89,6 +94,10 @@ class Probe(TrainerCallback):
     def _count(self, module, args, kwargs) -> None:
         if not module.training:
             return
+        if not self.tokens:  # the first step's batch: its loss by the plain forward, to hold the logged one against
+            plain = {k: kwargs[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels") if k in kwargs}
+            with torch.no_grad():
+                self.first_batch_loss = float(module.forward(**plain).loss)
         ids, mask, labels = kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"]
         images = (ids == self.image_token_id) & mask.bool()
         lengths = mask.sum(1) + self.extra_per_image * images.sum(1)
@@ -108,6 +117,7 @@ class Probe(TrainerCallback):
         return {
             "step_times": steps[warmup:],
             "initial_loss": self.initial_loss,
+            "first_batch_loss": self.first_batch_loss,
             "losses": self.losses,
             "real": sum(t[1] for t in self.tokens) / rows,
             "padded": sum(t[2] for t in self.tokens) / rows,
@@ -266,8 +276,9 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     dataset = Dataset.from_list(rows).cast_column("images", Sequence(Image()))
     template = workdir / "chatml_training.jinja"
     template.write_text(CHATML_TRAINING)
+    # SFTConfig defaults to bf16 and gradient checkpointing: off, for the same fp32 setup as the others.
     sft = training_arguments(SFTConfig, cfg, workdir, assistant_only_loss=True, chat_template_path=str(template),
-                             max_length=None)
+                             max_length=None, bf16=False, gradient_checkpointing=False)
     probe = Probe(extra_per_image=0)
     probe.image_token_id = llava.config.image_token_id
     trainer = SFTTrainer(model=llava, args=sft, train_dataset=dataset, processing_class=processor,
@@ -356,12 +367,16 @@ def drive(args: argparse.Namespace) -> None:
     reference = initial[tools[0]][0]
     spread = max(abs(loss - reference) / reference for losses in initial.values() for loss in losses)
     first = {tool: [run["losses"][0] for run in runs] for tool, runs in results.items()}
-    for what, values, digits in (("untrained model's loss on the first batch", initial, 6),
-                                 ("first logged training loss", first, 4)):
+    for what, values, digits in (("untrained model's loss on the first 8 samples", initial, 6),
+                                 ("first logged training loss", first, 6)):
         print(f"{what}: " + ", ".join(f"{tool} " + " / ".join(f"{x:.{digits}f}" for x in losses)
                                       for tool, losses in values.items()))
-    agree = spread < 1e-4
-    print(f"initial losses {'agree' if agree else 'DISAGREE'} (largest relative difference {spread:.1e})")
+    path = max(abs(run["losses"][0] - run["first_batch_loss"]) / run["first_batch_loss"]
+               for runs in results.values() for run in runs)
+    agree = spread < 1e-4 and path < 1e-4
+    print(f"losses {'agree' if agree else 'DISAGREE'}: across tools on the same samples, largest relative "
+          f"difference {spread:.1e}; each tool's first logged loss against model(**batch).loss on that batch, "
+          f"{path:.1e}")
     if "phiclip" in rows and "plain" in rows:
         print(f"speedup: {rows['phiclip']['samples_s'] / rows['plain']['samples_s']:.2f}x")
     if not agree:
