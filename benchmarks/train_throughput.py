@@ -1,9 +1,9 @@
 """Training throughput: PhiClip's training path against the plain transformers ``Trainer`` recipe (and TRL's).
 
 The same model (SmolLM2-135M-Instruct + the demo's shapes tower, projector from the same fixed-seed
-init) trains on the same samples (the first ``--samples`` records of the demo's shapes data, as they
-come: one image and four question/answer turns each; answers and their end-of-turn token are
-supervised), batch 8, LoRA r=16 (alpha 32, no dropout) on every linear layer of the LM and the
+init) trains on the same samples (the first ``--samples`` records of the demo's shapes data, each an
+image with its first question and answer; ``--turns 0`` keeps all four question/answer pairs of a
+record, as they come; answers and their end-of-turn token are supervised), batch 8, LoRA r=16 (alpha 32, no dropout) on every linear layer of the LM and the
 projector trained, fp32, the demo's optimiser settings:
 
 - ``phiclip``: ``train.run.train`` on ``configs/demo.yaml``, as ``phiclip train`` runs it
@@ -19,9 +19,11 @@ projector trained, fp32, the demo's optimiser settings:
 Each tool runs in a fresh subprocess, the tools alternating, ``--rounds`` times; every run takes
 ``--warmup`` untimed steps and then ``--steps`` timed ones (a step's time is the wall time from the
 end of the previous step: loading and collating its batch, forward, backward, optimiser, logging).
-The table gives per tool: median step time, samples/s, real (attended) and padded LM positions per
-sample, supervised tokens per sample, real tokens/s, peak RSS, and utilisation = 4 x LM parameters
-x real tokens/s / the fp32 matmul peak measured here (a large ``torch.mm``). Two loss checks: before
+The table gives per tool: median step time, samples/s, real tokens per sample (an image counting as
+its features), padded tokens per sample (the positions the LM ran: rows x longest row, so padding
+included and the columns PhiClip cuts off after the last answer not), supervised tokens per sample,
+real tokens/s, peak RSS, and utilisation = 4 x LM parameters x real tokens/s / the fp32 matmul peak
+measured here (a large ``torch.mm``). Two loss checks: before
 training, each tool's untrained model computes ``model(**batch).loss`` on the data's first 8
 samples through its own collator, and the values must agree across tools (same model, same data;
 the first logged losses are printed too, but PhiClip's length-grouped sampler starts on another
@@ -29,7 +31,7 @@ batch); and each tool's first logged loss must equal ``model(**batch).loss`` on 
 (PhiClip's loss is computed another way, see ``train/loss.py``). It ends with ``speedup: <x>``,
 PhiClip samples/s / plain Trainer samples/s.
 
-    python benchmarks/train_throughput.py [--steps 30] [--warmup 2] [--rounds 2] [--tools phiclip,plain,trl]
+    python benchmarks/train_throughput.py [--steps 30] [--warmup 2] [--rounds 2] [--turns 1] [--tools phiclip,plain,trl]
 """
 
 from __future__ import annotations
@@ -72,37 +74,53 @@ CHATML_TRAINING = (
 
 
 class Probe(TrainerCallback):
-    """Step wall times, logged losses and the LM positions of every training batch."""
+    """Step wall times, logged losses, the tokens of every training batch and the LM positions it took."""
 
     def __init__(self, extra_per_image: int) -> None:
         self.extra_per_image = extra_per_image  # positions an image adds beyond its one token in input_ids
+        self.image_token_id: int | None = None
         self.ends: list[float] = []
         self.losses: list[float] = []
-        self.tokens: list[tuple[int, int, int, int]] = []  # (rows, real, padded, supervised) per batch
-        self.image_token_id: int | None = None
+        self.batches: list[tuple[int, int, int]] = []  # (rows, real tokens, supervised tokens) as collated
+        self.positions: list[int] = []  # LM positions (rows x longest row) of each training forward
+        self.first_batch: dict[str, Any] = {}
         self.initial_loss = self.first_batch_loss = float("nan")
+
+    def lengths(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Each row's LM positions: its tokens, an image counting as its features."""
+        images = ids == self.image_token_id
+        if mask is None:
+            return ids.shape[1] + self.extra_per_image * images.sum(1)
+        return mask.sum(1) + self.extra_per_image * (images & mask.bool()).sum(1)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:
         """The untrained model's loss on the data's first batch (the same samples for every tool), then start timing."""
+        collate = train_dataloader.collate_fn
         data, batch_size = train_dataloader.dataset, args.per_device_train_batch_size
-        batch = train_dataloader.collate_fn([data[i] for i in range(batch_size)])
         with torch.no_grad():
-            self.initial_loss = float(model(**batch).loss)
-        model.register_forward_pre_hook(self._count, with_kwargs=True)
+            self.initial_loss = float(model(**collate([data[i] for i in range(batch_size)])).loss)
+
+        def counting_collate(items):
+            batch = collate(items)
+            self.first_batch = self.first_batch or batch  # (the loader fetches a batch ahead)
+            real = int(self.lengths(batch["input_ids"], batch["attention_mask"]).sum())
+            self.batches.append((len(items), real, int((batch["labels"][:, 1:] != -100).sum())))
+            return batch
+
+        getattr(train_dataloader, "base_dataloader", train_dataloader).collate_fn = counting_collate  # accelerate's
+        model.register_forward_pre_hook(self._forward, with_kwargs=True)
         self.ends.append(time.perf_counter())
 
-    def _count(self, module, args, kwargs) -> None:
+    def _forward(self, module, args, kwargs) -> None:
         if not module.training:
             return
-        if not self.tokens:  # the first step's batch: its loss by the plain forward, to hold the logged one against
-            plain = {k: kwargs[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels") if k in kwargs}
+        if not self.positions:  # the first step: model(**batch).loss on its batch, to hold the logged loss against
+            batch = {k: v for k, v in self.first_batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
+                                                                       "labels")}
             with torch.no_grad():
-                self.first_batch_loss = float(module.forward(**plain).loss)
-        ids, mask, labels = kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"]
-        images = (ids == self.image_token_id) & mask.bool()
-        lengths = mask.sum(1) + self.extra_per_image * images.sum(1)
-        supervised = int((labels[:, 1:] != -100).sum())
-        self.tokens.append((ids.shape[0], int(lengths.sum()), ids.shape[0] * int(lengths.max()), supervised))
+                self.first_batch_loss = float(module.forward(**batch).loss)
+        ids = kwargs["input_ids"]
+        self.positions.append(ids.shape[0] * int(self.lengths(ids, kwargs.get("attention_mask")).max()))
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self.ends.append(time.perf_counter())
@@ -113,15 +131,15 @@ class Probe(TrainerCallback):
 
     def result(self, warmup: int, lm_params: int) -> dict[str, Any]:
         steps = [b - a for a, b in zip(self.ends, self.ends[1:])]
-        rows = sum(t[0] for t in self.tokens)
+        rows = sum(t[0] for t in self.batches)
         return {
             "step_times": steps[warmup:],
             "initial_loss": self.initial_loss,
             "first_batch_loss": self.first_batch_loss,
             "losses": self.losses,
-            "real": sum(t[1] for t in self.tokens) / rows,
-            "padded": sum(t[2] for t in self.tokens) / rows,
-            "supervised": sum(t[3] for t in self.tokens) / rows,
+            "real": sum(t[1] for t in self.batches) / rows,
+            "padded": sum(self.positions) / rows,
+            "supervised": sum(t[2] for t in self.batches) / rows,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "lm_params": lm_params,
         }
@@ -136,9 +154,8 @@ def demo_config(workdir: Path, args: argparse.Namespace, overrides: list[str]):
     from demo.offline import cache_dir
     from train.config import load_config
 
-    data = cache_dir() / "shapes-data"
     return load_config(ROOT / "configs" / "demo.yaml", [
-        f"data.train={data / 'train.json'}", f"data.images={data / 'images'}", f"data.max_records={args.samples}",
+        f"data.train={args.data}", f"data.images={cache_dir() / 'shapes-data' / 'images'}",
         f"train.output_dir={workdir / 'run'}", f"train.batch_size={args.batch}", "train.grad_accum=1",
         f"train.max_steps={args.warmup + args.steps}", "train.save_steps=100000", "train.logging_steps=1",
         f"train.seed={SEED}", f"lora.r={LORA['r']}", f"lora.alpha={LORA['lora_alpha']}",
@@ -188,7 +205,7 @@ def chat_samples(cfg) -> list[dict[str, Any]]:
     """The records as chat messages (system prompt first) and the image's path."""
     from train.records import read_records
 
-    records, _ = read_records(cfg.data.train, limit=cfg.data.max_records)
+    records, _ = read_records(cfg.data.train)
     samples = []
     for record in records:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -307,8 +324,20 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def write_samples(folder: Path, n: int, turns: int) -> Path:
+    """The shapes data's first ``n`` records, each cut to its first ``turns`` question/answer pairs (0: all)."""
+    from demo.offline import cache_dir
+
+    records = json.loads((cache_dir() / "shapes-data" / "train.json").read_text())[:n]
+    if turns:
+        records = [{**r, "conversations": r["conversations"][:2 * turns]} for r in records]
+    path = folder / "samples.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
 def worker_command(tool: str, result: Path, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, __file__, "--worker", tool, "--result", str(result), "--samples", str(args.samples),
+    command = [sys.executable, __file__, "--worker", tool, "--result", str(result), "--data", str(args.data),
                "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     for item in args.phiclip_override:
         command += ["--phiclip-override", item]
@@ -338,6 +367,7 @@ def drive(args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
     loads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
+        args.data = write_samples(Path(tmp), args.samples, args.turns)
         runs = [(r, tool) for r in range(args.rounds) for tool in tools]
         for r, tool in tqdm(runs, desc="runs", unit="run"):
             result = Path(tmp) / f"{tool}-{r}.json"
@@ -349,7 +379,8 @@ def drive(args: argparse.Namespace) -> None:
     peak = max(peak, matmul_peak())
 
     rows = {tool: summarise(runs, args.batch, peak) for tool, runs in results.items()}
-    print(f"\n{args.samples} samples (shapes data, 4 Q/A turns each), batch {args.batch}, LoRA r={LORA['r']} on "
+    shape = f"its first {args.turns} question/answer pair(s)" if args.turns else "all 4 question/answer pairs"
+    print(f"\n{args.samples} samples (shapes data: an image and {shape}), batch {args.batch}, LoRA r={LORA['r']} on "
           f"every LM linear + projector, fp32, {torch.get_num_threads()} threads; {args.rounds} alternated runs "
           f"per tool, each {args.warmup} warm-up + {args.steps} timed steps")
     print(f"fp32 matmul peak (torch.mm 4096^2): {peak / 1e9:.0f} GFLOP/s; LM parameters "
@@ -386,6 +417,7 @@ def drive(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--turns", type=int, default=1, help="question/answer pairs per sample (0: all, as they come)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
@@ -395,6 +427,7 @@ def main() -> None:
                         help="config override for PhiClip's run (to measure one setting against another)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is None:
         drive(args)

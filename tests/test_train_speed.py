@@ -1,5 +1,6 @@
-"""The training path's speedups change no loss value: the trainer's supervised-positions loss against
-``model(**batch).loss``, and its gradients, on batches with image and text rows, padding on either side;
+"""The training path's speedups change no loss value: the trainer's loss, computed on the batch cut down
+to what it reads, against ``model(**batch).loss``, and its gradients, on batches with image and text
+rows and padding (left-padded batches take the stock path);
 length-grouped batches take every example once per epoch, in a seeded order, without opening images."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from transformers import TrainingArguments
 from train import dataset as dataset_module
 from train.dataset import Collator, EpochLengthGroupedSampler, LlavaDataset
 from train.images import ImageResolver
-from train.records import Report, read_records
+from train.records import read_records
 from train.run import prepare_model
 from train.template import IGNORE_INDEX
 from train.trainer import PhiClipTrainer
@@ -76,7 +77,7 @@ BATCHES = {
 
 @pytest.mark.parametrize("items", [None, 37])
 @pytest.mark.parametrize("case", BATCHES)
-def test_supervised_positions_loss_equals_the_full_loss(setup, case, items):
+def test_training_loss_equals_the_full_loss(setup, case, items):
     """Loss and every trainable parameter's gradient, with and without the Trainer's num_items_in_batch."""
     model, trainer, _, _ = setup
     model.train()
@@ -98,21 +99,28 @@ def test_supervised_positions_loss_equals_the_full_loss(setup, case, items):
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_only_supervised_positions_reach_the_head(setup):
-    """The head sees one row per supervised token: what the speedup is for."""
+def test_only_what_the_loss_reads_is_computed(setup):
+    """The head sees one row per supervised token, and the LM no column after a row's last answer."""
     model, trainer, _, _ = setup
     batch = batch_of(setup, [0, 12, 3, 7])
-    rows = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape))
+    head_rows, lm_lengths = [], []
+    hooks = [
+        model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape)),
+        model.language_model.register_forward_pre_hook(
+            lambda m, args, kwargs: lm_lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True),
+    ]
     try:
         with torch.no_grad():
             trainer.compute_loss(model, dict(batch))
             full = model(**batch)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    assert rows[0] == (supervised, model.config.text_config.hidden_size)
-    assert rows[1][:2] == full.logits.shape[:2] and rows[1][1] > supervised
+    assert head_rows[0] == (supervised, model.config.text_config.hidden_size)
+    assert head_rows[1][:2] == full.logits.shape[:2] and head_rows[1][1] > supervised
+    last_answer_end = max(int((row != IGNORE_INDEX).nonzero().max()) for row in batch["labels"])
+    assert lm_lengths[0] == lm_lengths[1] - (batch["input_ids"].shape[1] - last_answer_end)
 
 
 def test_length_grouped_order_is_a_seeded_permutation_per_epoch():

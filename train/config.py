@@ -82,9 +82,10 @@ class TrainConfig:
     save_total_limit: int = 2
     seed: int = 42
     dataloader_workers: int = 0
-    # LM head and loss only where a token is supervised (train/loss.py); needs an LM whose forward takes a
-    # boolean logits_to_keep (transformers 5's own causal LMs do).
-    supervised_logits_only: bool = True
+    # Compute only what the loss reads (train/loss.py): the LM head at supervised positions, nothing after a
+    # row's last one, no padding mask. Needs an LM whose forward takes a boolean logits_to_keep
+    # (transformers 5's own causal LMs do).
+    loss_only_compute: bool = True
     # Batch examples of similar length (less padding); the order stays random from batch to batch.
     group_by_length: bool = True
     # Start from a finished run's projector and adapter (a further round on more data).

@@ -173,7 +173,7 @@ def train(
         data_collator=Collator(built.tokenizer.pad_token_id),
         callbacks=callbacks,
         projector_lr=cfg.train.projector_learning_rate,
-        supervised_logits_only=cfg.train.supervised_logits_only,
+        loss_only_compute=cfg.train.loss_only_compute,
     )
     trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
     metrics = trainer.evaluate() if val_set is not None else {}

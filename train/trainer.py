@@ -1,5 +1,6 @@
 """HF ``Trainer`` with phiclip's checkpoint layout, a separate projector learning rate, bad images
-reported from the data loader's workers, and the LM head run only where the loss needs it."""
+reported from the data loader's workers, length-grouped batches, and a forward cut down to what the
+loss reads."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer
 
 from train.dataset import IMAGE_ERRORS, EpochLengthGroupedSampler, LlavaDataset
-from train.loss import supervised_logits_inputs
+from train.loss import loss_only_inputs
 from train.weights import load_trainable
 
 
@@ -20,10 +21,10 @@ class PhiClipTrainer(Trainer):
     state that the stock Trainer restores itself.
     """
 
-    def __init__(self, *args, projector_lr: float, supervised_logits_only: bool = True, **kwargs) -> None:
+    def __init__(self, *args, projector_lr: float, loss_only_compute: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
-        self.supervised_logits_only = supervised_logits_only
+        self.loss_only_compute = loss_only_compute
         self._tokens_per_image: int | None = None
 
     def _get_train_sampler(self, train_dataset=None):
@@ -79,7 +80,7 @@ class PhiClipTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        """The stock loss, with logits only at supervised positions in training (:mod:`train.loss`).
+        """The stock loss; in training, on the batch cut down to what the loss reads (:mod:`train.loss`).
 
         Images that data loader workers could not decode are recorded here, in the main process.
         """
@@ -87,12 +88,15 @@ class PhiClipTrainer(Trainer):
             for dataset in (self.train_dataset, self.eval_dataset):
                 if isinstance(dataset, LlavaDataset):
                     dataset.exclude_image(path, reason)
-        if (self.supervised_logits_only and not return_outputs and "labels" in inputs
+        if (self.loss_only_compute and not return_outputs and "labels" in inputs
                 and self.label_smoother is None and self.compute_loss_func is None):
-            if self._tokens_per_image is None:
-                self._tokens_per_image = self.model.image_token_count()
-            inputs = {**inputs, **supervised_logits_inputs(
-                inputs, image_token_id=self.model.config.image_token_id, tokens_per_image=self._tokens_per_image)}
+            if self._tokens_per_image is None:  # the dataset knows it without running the (maybe sharded) tower
+                data = self.train_dataset
+                self._tokens_per_image = (data.n_image_tokens if isinstance(data, LlavaDataset)
+                                          else self.model.image_token_count())
+            lean = loss_only_inputs(inputs, image_token_id=self.model.config.image_token_id,
+                                    tokens_per_image=self._tokens_per_image)
+            inputs = inputs if lean is None else lean
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
