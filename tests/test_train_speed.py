@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_toy_data, tiny_config
-from transformers import TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 from train import dataset as dataset_module
 from train.dataset import Collator, EpochLengthGroupedSampler, LlavaDataset
 from train.images import ImageResolver
+from train.loss import reads_boolean_logits_to_keep
 from train.records import read_records
 from train.run import prepare_model
 from train.template import IGNORE_INDEX
@@ -121,6 +122,35 @@ def test_only_what_the_loss_reads_is_computed(setup):
     assert head_rows[1][:2] == full.logits.shape[:2] and head_rows[1][1] > supervised
     last_answer_end = max(int((row != IGNORE_INDEX).nonzero().max()) for row in batch["labels"])
     assert lm_lengths[0] == lm_lengths[1] - (batch["input_ids"].shape[1] - last_answer_end)
+
+
+class IntOnlyLogitsLlama(LlamaForCausalLM):
+    """An LM as older or remote code writes it: ``logits_to_keep`` may only be an int."""
+
+    def forward(self, *args, logits_to_keep: int = 0, **kwargs):
+        if not isinstance(logits_to_keep, int):
+            raise TypeError(f"logits_to_keep must be an int, got {type(logits_to_keep).__name__}")
+        return super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+
+def test_an_lm_without_boolean_logits_to_keep_trains_on_the_stock_loss(setup, tmp_path, caplog):
+    """Such an LM is detected up front: a warning names it, and the loss is model(**batch).loss."""
+    model, trainer, _, _ = setup
+    lm = model.language_model.get_base_model()
+    assert trainer.loss_only_compute and reads_boolean_logits_to_keep(lm)
+    batch = batch_of(setup, [0, 12, 3, 7])
+    lm.__class__ = IntOnlyLogitsLlama
+    try:
+        assert not reads_boolean_logits_to_keep(lm)
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+        with caplog.at_level("WARNING", logger="train.trainer"):
+            fallback = PhiClipTrainer(model=model, args=args, projector_lr=1e-3)
+        assert not fallback.loss_only_compute
+        assert "IntOnlyLogitsLlama" in caplog.text and "train.loss_only_compute" in caplog.text
+        with torch.no_grad():
+            torch.testing.assert_close(fallback.compute_loss(model, dict(batch)), model(**batch).loss)
+    finally:
+        lm.__class__ = LlamaForCausalLM
 
 
 def test_length_grouped_order_is_a_seeded_permutation_per_epoch():

@@ -84,7 +84,7 @@ class TrainConfig:
     dataloader_workers: int = 0
     # Compute only what the loss reads (train/loss.py): the LM head at supervised positions, nothing after a
     # row's last one, no padding mask. Needs an LM whose forward takes a boolean logits_to_keep
-    # (transformers 5's own causal LMs do).
+    # (transformers 5's own causal LMs do); with any other, training warns and uses the stock loss.
     loss_only_compute: bool = True
     # Batch examples of similar length (less padding); the order stays random from batch to batch.
     group_by_length: bool = True

@@ -23,11 +23,25 @@ splices each ``<image>`` token into the image's features (a batch without images
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from torch import nn
 
 from train.template import IGNORE_INDEX
+
+
+def reads_boolean_logits_to_keep(language_model: nn.Module) -> bool:
+    """Whether the (unwrapped) LM's forward narrows the head's input with transformers' ``slice_logits_to_keep``.
+
+    That helper reads a boolean ``(batch, length)`` mask, as every causal LM in transformers 5 does;
+    an LM from older or remote code that slices by an int only would fail on one.
+    """
+    try:
+        return "slice_logits_to_keep" in inspect.getsource(type(language_model).forward)
+    except (OSError, TypeError):
+        return False
 
 
 def loss_only_inputs(

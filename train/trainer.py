@@ -4,13 +4,17 @@ loss reads."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer
 
 from train.dataset import IMAGE_ERRORS, EpochLengthGroupedSampler, LlavaDataset
-from train.loss import loss_only_inputs
+from train.loss import loss_only_inputs, reads_boolean_logits_to_keep
 from train.weights import load_trainable
+
+logger = logging.getLogger(__name__)
 
 
 class PhiClipTrainer(Trainer):
@@ -24,7 +28,11 @@ class PhiClipTrainer(Trainer):
     def __init__(self, *args, projector_lr: float, loss_only_compute: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
-        self.loss_only_compute = loss_only_compute
+        lm = self.model.language_model.get_base_model() if self.model.has_adapter else self.model.language_model
+        self.loss_only_compute = loss_only_compute and reads_boolean_logits_to_keep(lm)
+        if loss_only_compute and not self.loss_only_compute:
+            logger.warning("train.loss_only_compute: %s's forward does not take a boolean logits_to_keep; "
+                           "training with the stock loss over every position", type(lm).__name__)
         self._tokens_per_image: int | None = None
 
     def _get_train_sampler(self, train_dataset=None):
