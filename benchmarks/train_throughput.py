@@ -82,7 +82,7 @@ class Probe(TrainerCallback):
         self.ends: list[float] = []
         self.losses: list[float] = []
         self.batches: list[tuple[int, int, int]] = []  # (rows, real tokens, supervised tokens) as collated
-        self.positions: list[int] = []  # LM positions (rows x longest row) of each training forward
+        self.forwards: list[tuple[int, int]] = []  # (rows, LM positions = rows x longest row) of each training forward
         self.first_batch: dict[str, Any] = {}
         self.initial_loss = self.first_batch_loss = float("nan")
 
@@ -114,13 +114,13 @@ class Probe(TrainerCallback):
     def _forward(self, module, args, kwargs) -> None:
         if not module.training:
             return
-        if not self.positions:  # the first step: model(**batch).loss on its batch, to hold the logged loss against
+        if not self.forwards:  # the first step: model(**batch).loss on its batch, to hold the logged loss against
             batch = {k: v for k, v in self.first_batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
                                                                        "labels")}
             with torch.no_grad():
                 self.first_batch_loss = float(module.forward(**batch).loss)
         ids = kwargs["input_ids"]
-        self.positions.append(ids.shape[0] * int(self.lengths(ids, kwargs.get("attention_mask")).max()))
+        self.forwards.append((ids.shape[0], ids.shape[0] * int(self.lengths(ids, kwargs.get("attention_mask")).max())))
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self.ends.append(time.perf_counter())
@@ -138,7 +138,7 @@ class Probe(TrainerCallback):
             "first_batch_loss": self.first_batch_loss,
             "losses": self.losses,
             "real": sum(t[1] for t in self.batches) / rows,
-            "padded": sum(self.positions) / rows,
+            "padded": sum(t[1] for t in self.forwards) / sum(t[0] for t in self.forwards),  # the loader fetches ahead
             "supervised": sum(t[2] for t in self.batches) / rows,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "lm_params": lm_params,
@@ -312,16 +312,11 @@ WORKERS = {"phiclip": run_phiclip, "plain": run_plain, "trl": run_trl}
 # ---- the driver ---------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
-    """Best fp32 ``torch.mm`` rate of this process's threads, in FLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def cpu_matmul_peak() -> float:
+    """fp32 ``torch.mm`` 4096^2 rate of this process's threads, FLOP/s, measured as gpu_check measures a GPU's."""
+    from gpu_check import matmul_peak  # this script's folder is on sys.path
+
+    return matmul_peak(torch.device("cpu"), torch.float32, n=4096, repeats=2)
 
 
 def write_samples(folder: Path, n: int, turns: int) -> Path:
@@ -363,7 +358,7 @@ def drive(args: argparse.Namespace) -> None:
     if "trl" in tools and importlib.util.find_spec("trl") is None:
         print("trl: not installed beside this transformers; its column is left out")
         tools.remove("trl")
-    peak = matmul_peak()
+    peak = cpu_matmul_peak()
     results: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
     loads: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -376,7 +371,7 @@ def drive(args: argparse.Namespace) -> None:
                 sys.exit(f"{tool} (round {r + 1}) failed:\n{done.stderr[-4000:]}")
             results[tool].append(json.loads(result.read_text()))
             loads.append(os.getloadavg()[0])
-    peak = max(peak, matmul_peak())
+    peak = max(peak, cpu_matmul_peak())
 
     rows = {tool: summarise(runs, args.batch, peak) for tool, runs in results.items()}
     shape = f"its first {args.turns} question/answer pair(s)" if args.turns else "all 4 question/answer pairs"
