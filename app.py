@@ -8,7 +8,8 @@ Which run:
   otherwise ./run next to this file.
 
 Settings (all optional): PHICLIP_CONCURRENCY, PHICLIP_WHISPER_MODEL ("bundled", a faster-whisper
-name such as small.en, or "none"), PHICLIP_LANGUAGE, PHICLIP_MAX_UPLOAD_MB, PHICLIP_MODEL_NAME.
+name such as small.en, or "none"), PHICLIP_LANGUAGE, PHICLIP_MAX_UPLOAD_MB, PHICLIP_MODEL_NAME,
+PHICLIP_API_KEY (a Space secret: the API and the web UI then ask for it).
 It binds 0.0.0.0:7860 on Spaces (SPACE_ID is set there) and 127.0.0.1 elsewhere, unless
 PHICLIP_HOST / PORT say otherwise.
 """
@@ -54,6 +55,7 @@ def config_from_env():
         whisper_model=None if whisper.lower() in ("", "none", "off") else whisper,
         language=os.environ.get("PHICLIP_LANGUAGE", "en"),
         max_upload_mb=float(os.environ.get("PHICLIP_MAX_UPLOAD_MB", "20")),
+        api_key=os.environ.get("PHICLIP_API_KEY") or None,
     )
 
 

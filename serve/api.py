@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
+from serve.auth import ApiKeyMiddleware
 from serve.engine import Engine, Job, Result
 from serve.errors import ServeError, bad_request, too_large, unsupported
 from serve.inputs import Limits
@@ -42,9 +43,23 @@ log = logging.getLogger(__name__)
 WHISPER_ALIASES = ("whisper-1",)
 
 
-def create_app(engine: Engine, transcriber: Transcriber | None, limits: Limits, ui_path: str | None = "/ui") -> FastAPI:
+def create_app(
+    engine: Engine,
+    transcriber: Transcriber | None,
+    limits: Limits,
+    ui_path: str | None = "/ui",
+    api_key: str | None = None,
+) -> FastAPI:
+    """The API app; with ``api_key`` every route but ``/health``, ``/`` and the UI's wants that key."""
     app = FastAPI(title="phiclip serve", version="1", docs_url="/docs", redoc_url=None)
     app.state.engine = engine
+    if api_key:
+        app.add_middleware(
+            ApiKeyMiddleware,
+            key=api_key,
+            open_paths=("/health", "/"),
+            open_prefixes=(ui_path,) if ui_path else (),
+        )
     served = [engine.model_name]
     _add_error_handlers(app)
 

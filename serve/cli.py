@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from serve.config import ServeConfig
+
+API_KEY_ENV = "PHICLIP_API_KEY"
 
 
 def add_subparser(subparsers) -> None:
@@ -62,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="longest recording accepted (default %(default)s)",
     )
     p.add_argument("--no-ui", action="store_true", help="API only, no web UI")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"key clients must send (Authorization: Bearer KEY; the web UI asks for it too); "
+        f"default: ${API_KEY_ENV}, which keeps it out of the shell history",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: CUDA if available)")
 
 
@@ -80,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_audio_seconds=args.max_audio_seconds,
         ui=not args.no_ui,
         device=args.device,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
 
 

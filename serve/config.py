@@ -24,6 +24,7 @@ class ServeConfig:
     max_audio_seconds: float = 600.0
     ui: bool = True
     device: str | None = None  # None: CUDA if available, else CPU
+    api_key: str | None = None  # None: no key asked (right on loopback only)
 
     @property
     def limits(self) -> Limits:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from fastapi import FastAPI
 
 from chat.assistant import VisionChat
 from serve.api import create_app
+from serve.auth import exposure_warning, key_matches
 from serve.config import ServeConfig
 from serve.engine import Engine
 from serve.speech import Transcriber
@@ -46,7 +48,9 @@ def load_transcriber(config: ServeConfig) -> Transcriber | None:
 
 def build_app(engine: Engine, transcriber: Transcriber | None, config: ServeConfig) -> FastAPI:
     """The API and, unless switched off, the web UI at ``/ui`` on one FastAPI app."""
-    app = create_app(engine, transcriber, config.limits, ui_path=UI_PATH if config.ui else None)
+    app = create_app(
+        engine, transcriber, config.limits, ui_path=UI_PATH if config.ui else None, api_key=config.api_key
+    )
     if config.ui:
         import gradio as gr
 
@@ -65,6 +69,7 @@ def build_app(engine: Engine, transcriber: Transcriber | None, config: ServeConf
             run_history=False,
             ssr_mode=False,
             show_error=True,
+            **_ui_login(config.api_key),
         )
         # A mounted app never "launches"; without this flag Gradio would accept any server path
         # in a file payload. With it, inputs must be files uploaded through this page.
@@ -72,9 +77,22 @@ def build_app(engine: Engine, transcriber: Transcriber | None, config: ServeConf
     return app
 
 
+def _ui_login(api_key: str | None) -> dict:
+    """Gradio's own login for the web UI: the password is the server's API key (any user name)."""
+    if not api_key:
+        return {}
+    return {
+        "auth": lambda username, password: key_matches(password, api_key),
+        "auth_message": "This server asks for its API key: type it as the password (any user name).",
+    }
+
+
 def serve(run_dir: str | Path, config: ServeConfig) -> None:
     import uvicorn
 
+    warning = exposure_warning(config.host, config.port, config.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     engine = load_engine(run_dir, config)
     transcriber = load_transcriber(config)
     app = build_app(engine, transcriber, config)
