@@ -16,6 +16,7 @@ EXTRAS = {
         "python-multipart>=0.0.18",
         "faster-whisper>=1.1",
         "httpx",
+        "llguidance>=1.0",  # response_format: JSON answers through constrained decoding
     ],
     "eval": ["pycocoevalcap>=1.2"],
     "test": ["pytest", "scikit-image", "scikit-learn", "playwright", "psutil", "httpx"],
