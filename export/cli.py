@@ -1,12 +1,38 @@
-"""``phiclip export``: a PhiClip model as a standard Hugging Face Llava checkpoint."""
+"""``phiclip export``: a PhiClip model as a standard Hugging Face Llava checkpoint, or as GGUF files for llama.cpp."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
+def _export_gguf(args: argparse.Namespace) -> int:
+    from export.gguf import INFO_FILE, export_gguf
+
+    out = export_gguf(args.run_dir, args.out, quants=args.quant, name=args.name, repo_id=args.repo_id,
+                      text_route=not args.no_text_route, overwrite=args.overwrite)
+    info = json.loads((Path(out) / INFO_FILE).read_text())
+    print(f"exported {args.run_dir} -> {out}")
+    for file, size in info["files"].items():
+        print(f"  {file}  {size / 2**20:.1f} MB")
+    cosine = info["vision_cosine_min"]
+    print(f"image features: {info['vision']}; llama.cpp vs PhiClip per-token cosine (min) "
+          f"{cosine['square']:.5f} square, {cosine['wide_3x2']:.5f} 3:2")
+    lm = next(f for f in info["files"] if f.endswith(f"-{info['default_quant'].upper()}.gguf")
+              or f.endswith(f"-{info['default_quant']}.gguf"))
+    mmproj = next(f for f in info["files"] if f.startswith("mmproj-"))
+    print(f"run it: llama-mtmd-cli -m {Path(out) / lm} --mmproj {Path(out) / mmproj} --image IMG -p QUESTION "
+          "--temp 0 --repeat-penalty 1")
+    print(f"        ollama create {info['name']} -f {Path(out) / 'Modelfile'}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.quant or args.name or args.repo_id or args.no_text_route:
+        raise SystemExit("--quant, --name, --repo-id and --no-text-route apply to --format gguf only")
     from export.checkpoint import export_run
 
     out = export_run(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
@@ -19,13 +45,24 @@ def _export(args: argparse.Namespace) -> int:
 def add_subparser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="merge the LoRA adapter and write a standard HF Llava checkpoint (transformers, vLLM, lmms-eval)",
+        help="merge the LoRA adapter and write a standard HF Llava checkpoint (transformers, vLLM, lmms-eval) "
+        "or GGUF files (llama.cpp, Ollama, LM Studio)",
         description="Merge the LoRA adapter into the LM (a QLoRA run's base is loaded in full precision) "
-        "and write config, safetensors, LlavaProcessor and chat template to OUT.",
+        "and write config, safetensors, LlavaProcessor and chat template to OUT (--format llava), or the LM "
+        "and mmproj GGUF files, Modelfile and card (--format gguf).",
     )
     p.add_argument("run_dir", help="training run directory, PhiClip folder or Hub repo id")
     p.add_argument("out", help="folder to write (must not exist or be empty, unless --overwrite)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype; auto: the LM checkpoint's own")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--format", choices=("llava", "gguf"), default="llava",
+                   help="llava: HF Llava checkpoint (default); gguf: LM + mmproj GGUF files for llama.cpp, "
+                   "Ollama, LM Studio (needs the llama.cpp side environment: bash scripts/llamacpp_setup.sh)")
+    p.add_argument("--quant", nargs="+", default=[], metavar="TYPE",
+                   help="gguf: quantized LM files besides f16 (q8_0, q4_k_m, q4_0, q5_k_m, q6_k)")
+    p.add_argument("--name", help="gguf: file name stem (default: the run's folder name)")
+    p.add_argument("--repo-id", help="gguf: Hub repository the card's commands name (default OWNER/<name>-GGUF)")
+    p.add_argument("--no-text-route", action="store_true",
+                   help="gguf: skip the base LM + LoRA adapter files of the text-only route")
     p.set_defaults(func=_export)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Side environment .venv-llama for the GGUF export and its llama.cpp tests (make test-gguf):
+#  * llama-cpp-python (the runtime: llama.cpp, libmtmd, and llama.cpp's own quantizer through its bindings);
+#  * what llama.cpp's converters need (torch, transformers, sentencepiece, safetensors, numpy);
+#  * the converters themselves (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/),
+#    unpacked from the SAME llama-cpp-python source package, so files and runtime come from one llama.cpp.
+# PyPI carries llama-cpp-python as a source package only: the first build takes ~6-15 minutes on 2 cores;
+# pip's wheel cache makes later installs on the same machine fast. Idempotent: a stamp records what was set up.
+# The converters go to $PHICLIP_CACHE/llama.cpp-<version> (default ~/.cache/phiclip), never into git.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv-llama
+LLAMA_CPP_PYTHON=0.3.36
+# torch first and pinned: the CPU build this machine serves; an unpinned torch would pull a CUDA build.
+TORCH="torch==2.13.0"
+PACKAGES=("llama-cpp-python==$LLAMA_CPP_PYTHON" "transformers==5.24.0" "sentencepiece" "safetensors" "numpy"
+          "protobuf" "jinja2" "pillow")
+CACHE=${PHICLIP_CACHE:-$HOME/.cache/phiclip}
+SRC="$CACHE/llama.cpp-$LLAMA_CPP_PYTHON"
+STAMP="$VENV/.phiclip-llamacpp-setup"
+WANT="$TORCH ${PACKAGES[*]} src=$SRC"
+
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
+   && [ -f "$SRC/convert_hf_to_gguf.py" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip_quiet() {  # quiet; drops pip's notes about this machine's missing local index folders
+  local log; log=$(mktemp)
+  if ! "$VENV/bin/python" -m pip "$@" -q 2>"$log"; then cat "$log" >&2; rm -f "$log"; return 1; fi
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+  rm -f "$log"
+}
+pip_quiet install "$TORCH"
+echo "installing llama-cpp-python==$LLAMA_CPP_PYTHON (built from source on first use: several minutes) ..."
+pip_quiet install "$TORCH" "${PACKAGES[@]}"
+
+if [ ! -f "$SRC/convert_hf_to_gguf.py" ]; then
+  tmp=$(mktemp -d)
+  pip_quiet download --no-binary :all: --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$tmp"
+  root="llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+  tar -xzf "$tmp"/llama_cpp_python-"$LLAMA_CPP_PYTHON".tar.gz -C "$tmp" \
+    "$root/convert_hf_to_gguf.py" "$root/convert_lora_to_gguf.py" "$root/conversion" "$root/gguf-py" \
+    "$root/LICENSE"
+  mkdir -p "$(dirname "$SRC")"
+  rm -rf "$SRC.partial"
+  mv "$tmp/$root" "$SRC.partial"
+  mv "$SRC.partial" "$SRC"
+  rm -rf "$tmp"
+fi
+"$VENV/bin/python" - <<EOF
+import llama_cpp, torch, transformers, sentencepiece, safetensors
+import llama_cpp.mtmd_cpp
+assert llama_cpp.__version__ == "$LLAMA_CPP_PYTHON", llama_cpp.__version__
+assert hasattr(llama_cpp, "llama_model_quantize"), "llama_cpp lacks llama_model_quantize"
+EOF
+echo "$WANT" > "$STAMP"
+echo "llama.cpp side environment set up in $VENV (converters in $SRC)"
