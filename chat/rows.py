@@ -314,13 +314,21 @@ def _processors(settings: GenerationSettings, prompt_length: int, grammar: Logit
 
 
 class RowLogits(LogitsProcessor):
-    """Each row's own processing; ``starts[r]`` is where row ``r``'s ids begin (after its left padding)."""
+    """Each row's own processing, on the row's own ids.
 
-    def __init__(self, rows: Sequence[Row], starts: Sequence[int]) -> None:
+    The ids generate() shows processors are the spliced rows (one id per LM position, each
+    image's features as padding), left-padded: ``prompt_lengths[r]``, row r's spliced prompt
+    length, tells where its ids start.
+    """
+
+    def __init__(self, rows: Sequence[Row], prompt_lengths: Sequence[int]) -> None:
         self.rows = rows
-        self.starts = starts
+        self.prompt_lengths = prompt_lengths
+        self.starts: list[int] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.starts is None:  # the first step: the ids are the prompts
+            self.starts = [input_ids.shape[1] - n for n in self.prompt_lengths]
         if all(row.plain or row.finished for row in self.rows):
             return scores
         scores = scores.clone()
@@ -367,8 +375,11 @@ def generate_rows(
     settings: Sequence[GenerationSettings],
     sinks: Sequence[Sink | None] | None = None,
     cancelled: Sequence[threading.Event | None] | None = None,
+    image_tokens: int = 1,
 ) -> list[Completion]:
     """Run ``model.generate()`` once on the left-padded batch ``inputs``; one :class:`Completion` per row.
+
+    ``image_tokens``: the LM positions one image's features take (``model.image_token_count()``).
 
     ``settings[i]``, ``sinks[i]`` (gets row i's text as it is generated) and ``cancelled[i]``
     (set it to end row i early) belong to row i. Raises ``ValueError`` for settings the model
@@ -391,7 +402,8 @@ def generate_rows(
     def token_text(token: int) -> str:
         return tokenizer.decode([token])
 
-    starts, lengths = (mask == 0).sum(1).tolist(), mask.sum(1).tolist()  # left padding, prompt tokens
+    images = ((inputs["input_ids"] == model.config.image_token_id) & mask.bool()).sum(1)
+    lengths = (mask.sum(1) + images * (image_tokens - 1)).tolist()  # spliced prompt lengths
     rows = [
         Row(
             s, decode, token_text, set(eos), lengths[r],
@@ -406,7 +418,7 @@ def generate_rows(
         max_new_tokens=max(s.max_new_tokens for s in settings),
         do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
         pad_token_id=tokenizer.pad_token_id,
-        logits_processor=LogitsProcessorList([RowLogits(rows, starts)]),
+        logits_processor=LogitsProcessorList([RowLogits(rows, lengths)]),
         stopping_criteria=StoppingCriteriaList([RowsFinished(rows)]),
         streamer=RowStreamer(rows),
     )
