@@ -23,26 +23,26 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from train.images import open_image
+    from processing_phiclip import open_image
     from chat.assistant import GenerationSettings, VisionChat
 
-    image = open_image(args.image) if args.image else None
+    images = [open_image(path) for path in args.image]  # fails fast, naming the file, before the model loads
     chat = VisionChat.load(args.run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     messages = [{"role": "user", "content": args.question}]
     if args.stream:
-        for piece in chat.stream(messages, image, settings):
+        for piece in chat.stream(messages, images, settings):
             print(piece, end="", flush=True)
         print()
     else:
-        print(chat.answer(messages, image, settings))
+        print(chat.answer(messages, images, settings))
     return 0
 
 
 def _data_check(args: argparse.Namespace) -> int:
     from train.check import check_dataset
 
-    report = check_dataset(args.data, args.images)
+    report = check_dataset(args.data, args.images, tokenizer=args.tokenizer)
     print(report.summary(show=args.show))
     return 0 if report.n_kept else 1
 
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="ask a model a question, with or without an image")
     p.add_argument("run_dir", help="training run directory, PhiClip folder or Hub repo id")
     p.add_argument("question")
-    p.add_argument("--image", help="image file; without it the base LM answers (adapter disabled)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images, in order); "
+                   "without any the base LM answers (adapter disabled)")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--images", default="", help="images folder the records' paths are relative to")
     p.add_argument("--show", type=int, default=50, help="how many problems to list")
+    p.add_argument("--tokenizer", default=None, help="also count records whose text spells one of this tokenizer's "
+                   "special tokens (Hub name, path, offline:NAME)")
     p.set_defaults(func=_data_check)
     p = data.add_parser("stats", help="records, turns, images and token lengths")
     p.add_argument("data")

@@ -210,7 +210,7 @@ def chat_samples(cfg) -> list[dict[str, Any]]:
     for record in records:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
         messages += [{"role": t.role, "content": t.content.strip()} for t in record.turns]
-        samples.append({"messages": messages, "image": str(Path(cfg.data.images) / record.image)})
+        samples.append({"messages": messages, "image": str(Path(cfg.data.images) / record.images[0])})
     return samples
 
 

@@ -8,46 +8,24 @@ weights, no second copy), unless the model's config turns that off.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
+from typing import Any
 
 import torch
-from PIL import Image
-from transformers import TextIteratorStreamer
 
+from chat.own_code import check_own_code
+from chat.rows import Completion, GenerationSettings, Sink, TokenLogprob, generate_rows
 from modeling_phiclip import PhiClipForCausalLM
-from processing_phiclip import PhiClipProcessor
+from processing_phiclip import IMAGE_PART_TYPES, PhiClipProcessor
 from train.build import default_device, pick_dtype, quantization
 from train.config import load_config
-from train.records import IMAGE_PLACEHOLDER
 from train.rundir import model_dir
-from train.template import encode_prompt
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    def kwargs(self) -> dict:
-        out = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature > 0:
-            out.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            out.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return out
-
-
-@dataclass
-class Completion:
-    """One generated answer: its text, the new token ids (up to and including EOS), and why it stopped."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop": end of turn; "length": max_new_tokens reached
+__all__ = ["Completion", "GenerationSettings", "Stream", "TokenLogprob", "VisionChat", "locate"]
 
 
 @dataclass
@@ -74,8 +52,40 @@ def locate(source: str | Path) -> str:
     return str(source)
 
 
+def load_parts(source: str | Path, **kwargs) -> tuple[PhiClipForCausalLM, PhiClipProcessor]:
+    """Model and processor from a run directory, a PhiClip folder or a Hub repo id, with PhiClip's own code only.
+
+    A Hub repo is downloaded first, then checked like a folder: configs that ask for other code are
+    refused (:func:`chat.own_code.check_own_code`) and nothing loads with ``trust_remote_code``.
+    ``kwargs`` go to ``PhiClipForCausalLM.from_pretrained``.
+    """
+    where = locate(source)
+    if not Path(where).is_dir():
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(where, revision=kwargs.pop("revision", None))
+    check_own_code(where)
+    model = PhiClipForCausalLM.from_pretrained(where, trust_remote_code=False, **kwargs)
+    return model, PhiClipProcessor.from_pretrained(where, trust_remote_code=False)
+
+
+def _image_list(images: Any) -> list[Any]:
+    """``None`` -> [], one image -> [image], a list stays a list."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
 class VisionChat:
-    """A loaded model: ``answer()``/``stream()`` for one conversation, ``complete()``/``answer_batch()`` for many."""
+    """A loaded model: ``answer()``/``stream()`` for one conversation, ``complete()``/``answer_batch()`` for many.
+
+    A conversation is a list of messages whose content is a string or a list of parts
+    (``{"type": "image"}``, ``{"type": "text", "text": ...}``); its images come separately, one per
+    image part, in order (anything :func:`processing_phiclip.open_image` reads). Images given with a
+    conversation that has no image parts go first in its first user turn, as in LLaVA's data.
+    With ``image_markers=True`` (LLaVA records, as evaluation reads them), ``<image>`` in a user
+    turn's string is an image slot; otherwise message text is always text.
+    """
 
     def __init__(self, model: PhiClipForCausalLM, processor: PhiClipProcessor) -> None:
         self.model = model.eval()
@@ -88,7 +98,6 @@ class VisionChat:
     @classmethod
     def load(cls, source: str | Path, device: torch.device | str | None = None, **kwargs) -> "VisionChat":
         """From a training run directory, a PhiClip folder or a Hub repo id; ``kwargs`` go to ``from_pretrained``."""
-        where = locate(source)
         if device is not None:
             kwargs.setdefault("device_map", str(device))
         run_config = Path(source) / "config.yaml"
@@ -97,102 +106,139 @@ class VisionChat:
             quant = quantization(cfg.lora, pick_dtype(cfg.model.dtype, torch.device(device or default_device())))
             if quant is not None and cfg.train.stage == 2:
                 kwargs.update(quantization_config=quant, device_map=kwargs.get("device_map", "cpu"))
-        model = PhiClipForCausalLM.from_pretrained(where, **kwargs)
-        return cls(model, PhiClipProcessor.from_pretrained(where, trust_remote_code=True))
+        return cls(*load_parts(source, **kwargs))
 
     @property
     def context_length(self) -> int:
         return int(getattr(self.model.config.text_config, "max_position_embeddings", 2048))
 
-    def prompt_ids(self, messages: list[dict[str, str]], with_image: bool) -> list[int]:
-        """Render like training: the image placeholder goes at the start of the first user turn."""
+    def with_images(self, messages: list[dict], n_images: int, image_markers: bool = False) -> list[dict]:
+        """``messages`` with one image slot per image: as they are if they hold that many, else the images
+        go first in the first user turn. Raises ``ValueError`` when the counts cannot agree."""
+        slots = sum(self._slots(m, image_markers) for m in messages)
+        if slots == n_images:
+            return messages
+        if slots:
+            raise ValueError(f"the conversation has {slots} image slot(s) but {n_images} image(s) came with it")
         messages = [dict(m) for m in messages]
-        if with_image and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first]["content"] = f"{IMAGE_PLACEHOLDER}\n{messages[first]['content']}"
-        if not with_image:
-            for m in messages:
-                m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, "")
-        return encode_prompt(self.tokenizer, messages)
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+        if first is None:
+            raise ValueError("a conversation with images needs a user message")
+        content = messages[first].get("content") or ""
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        messages[first]["content"] = [{"type": "image"} for _ in range(n_images)] + parts
+        return messages
 
-    def prompt_length(self, messages: list[dict[str, str]], with_image: bool) -> int:
-        """Positions the prompt takes in the LM: the image counts as the features spliced in for it."""
-        return len(self.prompt_ids(messages, with_image)) + (self.n_image_tokens - 1 if with_image else 0)
+    def _slots(self, message: dict, image_markers: bool) -> int:
+        content = message.get("content")
+        if isinstance(content, list):
+            return sum(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content)
+        if image_markers and message.get("role") == "user" and isinstance(content, str):
+            return content.count(self.processor.image_token)
+        return 0
 
-    def model_inputs(self, conversations: list[list[dict[str, str]]], images: list[Image.Image | None]) -> dict:
-        """Left-padded batch; all items must agree on having an image or not."""
-        with_image = images[0] is not None
-        if any((image is not None) != with_image for image in images):
+    def prompt_ids(self, messages: list[dict], n_images: int = 0, image_markers: bool = False) -> list[int]:
+        """The prompt's ids, rendered and tokenized as in training (see :meth:`PhiClipProcessor.encode_chat`)."""
+        messages = self.with_images(messages, n_images, image_markers)
+        return self.processor.encode_chat(messages, add_generation_prompt=True, image_markers=image_markers)[0]
+
+    def prompt_length(self, messages: list[dict], n_images: int = 0, image_markers: bool = False) -> int:
+        """Positions the prompt takes in the LM: each image counts as the features spliced in for it."""
+        return len(self.prompt_ids(messages, n_images, image_markers)) + (self.n_image_tokens - 1) * n_images
+
+    def model_inputs(self, conversations: list[list[dict]], images: list[Any], image_markers: bool = False) -> dict:
+        """Left-padded batch: ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``.
+
+        ``images[i]``: conversation i's images (a list, one image, or None). All conversations must
+        agree on having images or not (text-only questions run through the base LM).
+        """
+        per_row = [_image_list(item) for item in images]
+        if len(per_row) != len(conversations):
+            raise ValueError(f"{len(per_row)} image lists for {len(conversations)} conversations")
+        if len({bool(row) for row in per_row}) > 1:
             raise ValueError("a batch must be all image questions or all text questions")
-        rows = [self.prompt_ids(m, with_image) for m in conversations]
+        rows = [self.prompt_ids(m, len(row), image_markers) for m, row in zip(conversations, per_row)]
         longest = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
         inputs = {"input_ids": ids, "attention_mask": mask}
-        if with_image:
-            pixels = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-            inputs["pixel_values"] = pixels["pixel_values"].to(self.device)
+        flat = [image for row in per_row for image in row]
+        if flat:
+            inputs["pixel_values"] = self.processor.image_pixels(flat).to(self.device)
         return inputs
 
-    def _generate(self, inputs: dict, settings: GenerationSettings, streamer=None) -> torch.Tensor:
+    def _generate(
+        self,
+        inputs: dict,
+        settings: Sequence[GenerationSettings],
+        sinks: Sequence[Sink | None] | None = None,
+        cancelled: Sequence[threading.Event | None] | None = None,
+    ) -> list[Completion]:
+        """One generate() call in which each row keeps its own settings (:func:`chat.rows.generate_rows`)."""
         with self._lock:
-            return self.model.generate(
-                **inputs, **settings.kwargs(), pad_token_id=self.tokenizer.pad_token_id, streamer=streamer
+            return generate_rows(
+                self.model, self.tokenizer, inputs, settings, sinks, cancelled, image_tokens=self.n_image_tokens
             )
-
-    def _completion(self, new_ids: list[int], settings: GenerationSettings) -> Completion:
-        eos = self.model.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or [])
-        stop = next((i for i, token in enumerate(new_ids) if token in eos), None)
-        kept = new_ids if stop is None else new_ids[: stop + 1]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return Completion(text, kept, "length" if stop is None and len(kept) >= settings.max_new_tokens else "stop")
 
     def complete(
         self,
-        conversations: list[list[dict[str, str]]],
-        images: list[Image.Image | None],
-        settings: GenerationSettings | None = None,
+        conversations: list[list[dict]],
+        images: list[Any],
+        settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
+        image_markers: bool = False,
+        *,
+        sinks: Sequence[Sink | None] | None = None,
+        cancelled: Sequence[threading.Event | None] | None = None,
     ) -> list[Completion]:
+        """One answer per conversation, all in one generate() call.
+
+        ``settings``: one for every row, or a list with row i's own (stop strings, seed,
+        penalties, logprobs ... see :class:`GenerationSettings`). ``sinks[i]`` receives row i's
+        text as it is generated; setting ``cancelled[i]`` ends row i early (the others go on).
+        """
         settings = settings or GenerationSettings()
-        inputs = self.model_inputs(conversations, images)
-        out = self._generate(inputs, settings)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
-        return [self._completion(row, settings) for row in new]
+        if isinstance(settings, GenerationSettings):
+            settings = [settings] * len(conversations)
+        inputs = self.model_inputs(conversations, images, image_markers)
+        return self._generate(inputs, settings, sinks, cancelled)
 
-    def answer_batch(self, conversations: list[list[dict[str, str]]], images: list[Image.Image | None],
-                     settings: GenerationSettings | None = None) -> list[str]:
-        return [c.text for c in self.complete(conversations, images, settings)]
+    def answer_batch(self, conversations: list[list[dict]], images: list[Any],
+                     settings: GenerationSettings | None = None, image_markers: bool = False) -> list[str]:
+        return [c.text for c in self.complete(conversations, images, settings, image_markers)]
 
-    def answer(self, messages: list[dict[str, str]], image: Image.Image | None = None,
-               settings: GenerationSettings | None = None) -> str:
-        return self.answer_batch([messages], [image], settings)[0]
+    def answer(self, messages: list[dict], images: Any = None, settings: GenerationSettings | None = None) -> str:
+        """One answer; ``images``: None, one image, or a list (see the class docstring)."""
+        return self.answer_batch([messages], [images], settings)[0]
 
-    def stream(self, messages: list[dict[str, str]], image: Image.Image | None = None,
-               settings: GenerationSettings | None = None) -> Stream:
-        """Text pieces as tokens are generated (generation runs in a worker thread)."""
+    def stream(self, messages: list[dict], images: Any = None, settings: GenerationSettings | None = None) -> Stream:
+        """Text pieces as tokens are generated (generation runs in a worker thread).
+
+        Text that could still become one of the settings' stop strings is held back until it
+        cannot; the stop string itself is never sent.
+        """
         settings = settings or GenerationSettings()
-        inputs = self.model_inputs([messages], [image])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        outputs: list[torch.Tensor] = []
+        inputs = self.model_inputs([messages], [images])
+        inbox: SimpleQueue = SimpleQueue()
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                outputs.append(self._generate(inputs, settings, streamer))
+                result.completion = self._generate(inputs, [settings], [lambda piece, _: inbox.put(piece)])[0]
             except BaseException as err:  # surfaced to the caller below
                 errors.append(err)
-                streamer.end()
+            finally:
+                inbox.put(None)
 
         def pieces() -> Iterator[str]:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
-            yield from streamer
+            while (piece := inbox.get()) is not None:
+                if piece:
+                    yield piece
             thread.join()
             if errors:
                 raise errors[0]
-            result.completion = self._completion(outputs[0][0, inputs["input_ids"].shape[1]:].tolist(), settings)
 
         result = Stream(pieces())
         return result

@@ -18,7 +18,6 @@ from importlib.resources import files
 from pathlib import Path
 
 from train.config import load_config
-from train.images import open_image
 from demo.shapes import make_shapes_dataset
 from evaluation.evaluate import evaluate_run
 from evaluation.report import write_report
@@ -86,7 +85,7 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
 
     _step("answers")
     sample = result.rows[0]
-    image = open_image(sample["image"])
+    image = sample["image"]
     print(f"[image {Path(sample['image']).name}] {sample['question']}\n  -> {chat.answer([{'role': 'user', 'content': sample['question']}], image)}")
     text_answer = chat.answer([{"role": "user", "content": TEXT_QUESTION}], None, GenerationSettings(max_new_tokens=48))
     print(f"[text only, base LM] {TEXT_QUESTION}\n  -> {text_answer}")

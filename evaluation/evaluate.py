@@ -17,9 +17,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from train.images import ImageError, ImageResolver, open_image
+from processing_phiclip import IMAGE_TOKEN, ImageError, open_image
+from train.images import ImageResolver
 from train.records import (
-    IMAGE_PLACEHOLDER,
     ROLES,
     BadRecord,
     Report,
@@ -34,14 +34,14 @@ from evaluation import metrics as M
 @dataclass
 class EvalItem:
     id: str
-    messages: list[dict[str, str]]  # history + the question, ending with a user turn
+    messages: list[dict[str, str]]  # history + the question, ending with a user turn; <image> marks each image
     references: list[str]
-    image: Path | None = None
+    images: list[Path] = field(default_factory=list)
     question_type: str | None = None
 
     @property
     def question(self) -> str:
-        return self.messages[-1]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+        return self.messages[-1]["content"].replace(IMAGE_TOKEN, "").strip()
 
 
 @dataclass
@@ -84,18 +84,16 @@ def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver) -> Eval
     turns = record.turns
     references = answers if answers is not None else [turns[-1].content]
     messages = to_messages(turns[:-1])
-    image = None
-    if record.image is not None:
-        try:
-            image = resolver.resolve(record.image)
-        except ImageError as err:
-            raise BadRecord(str(err)) from err
+    try:
+        images = [resolver.resolve(name) for name in record.images]
+    except ImageError as err:
+        raise BadRecord(str(err)) from err
     qtype = raw.get("question_type", raw.get("category"))
     return EvalItem(
         id=record.id,
         messages=messages,
         references=references,
-        image=image,
+        images=images,
         question_type=str(qtype) if qtype is not None else None,
     )
 
@@ -135,8 +133,8 @@ def generate_answers(chat, items: list[EvalItem], *, batch_size: int = 8, max_ne
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     answers: list[str | None] = [None] * len(items)
-    with_image = [i for i, it in enumerate(items) if it.image is not None]
-    groups = [with_image, [i for i, it in enumerate(items) if it.image is None]]
+    with_image = [i for i, it in enumerate(items) if it.images]
+    groups = [with_image, [i for i, it in enumerate(items) if not it.images]]
     bar = tqdm(total=len(items), desc="eval", unit="item", disable=not progress)
     for group in groups:
         # Similar lengths together: less left padding per batch.
@@ -146,19 +144,15 @@ def generate_answers(chat, items: list[EvalItem], *, batch_size: int = 8, max_ne
             images = []
             keep = []
             for i in batch:
-                if items[i].image is None:
-                    images.append(None)
-                    keep.append(i)
-                    continue
                 try:
-                    images.append(open_image(items[i].image))
+                    images.append([open_image(path) for path in items[i].images])
                     keep.append(i)
                 except ImageError as err:
                     if report is not None:
-                        report.skip(str(items[i].image), items[i].id, str(err))
+                        report.skip(str(items[i].images[0]), items[i].id, str(err))
             if keep:
                 conversations = [_with_suffix(items[i].messages, prompt_suffix) for i in keep]
-                for i, text in zip(keep, chat.answer_batch(conversations, images, settings)):
+                for i, text in zip(keep, chat.answer_batch(conversations, images, settings, image_markers=True)):
                     answers[i] = text
             bar.update(len(batch))
     bar.close()
@@ -179,7 +173,8 @@ def score_answers(items: list[EvalItem], answers: list[str], metric: str = "auto
                 "question": item.question,
                 "answer": answer,
                 "references": item.references,
-                "image": str(item.image) if item.image is not None else None,
+                "image": str(item.images[0]) if item.images else None,
+                "images": [str(path) for path in item.images],
                 "question_type": item.question_type,
                 "exact_match": M.exact_match(answer, item.references),
             }

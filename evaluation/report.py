@@ -27,11 +27,11 @@ def _png_data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 def thumbnail_data_url(path: str | Path, size: int = THUMBNAIL) -> str | None:
-    """A small PNG of the image as a data URL (``None`` if it cannot be read)."""
-    from train.images import ImageError, open_image
+    """A small PNG of the image, upright and in RGB, as a data URL (``None`` if it cannot be read)."""
+    from processing_phiclip import ImageError, open_image, prepare_image
 
     try:
-        image = open_image(path)
+        image = prepare_image(open_image(path), aspect="crop")  # "crop": the whole picture, the image processor crops
     except ImageError:
         return None
     image.thumbnail((size, size))

@@ -26,13 +26,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
-from chat.assistant import locate
+from chat.assistant import load_parts, locate
 from configuration_phiclip import PhiClipConfig
 from modeling_phiclip import PhiClipForCausalLM
-from processing_phiclip import PhiClipProcessor
-from train.build import IMAGE_TOKEN
+from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
 
 SHARD_BYTES = 4 * 1024**3
 INFO_FILE = "phiclip_export.json"
@@ -178,6 +177,19 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: 
     return names
 
 
+def llava_image_processor(processor: PhiClipProcessor) -> LlavaImageProcessorPil:
+    """transformers' Llava image processor preparing images as PhiClip's does: the tower's resize, crop and
+    normalisation, and LLaVA's pad-to-square with the mean colour when the model pads (``image_aspect: pad``).
+
+    It cannot apply PhiClip's EXIF orientation or its background under transparency: runtimes that load
+    this processor (vLLM) convert images to RGB themselves.
+    """
+    settings = {k: v for k, v in processor.image_processor.to_dict().items()
+                if k in ("size", "crop_size", "resample", "do_resize", "do_center_crop", "do_rescale",
+                         "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")}
+    return LlavaImageProcessorPil(**settings, do_pad=processor.image_aspect == "pad")
+
+
 def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_image_tokens: int) -> LlavaProcessor:
     """A ``LlavaProcessor`` whose ``<image>`` expansion gives exactly ``n_image_tokens`` tokens.
 
@@ -239,12 +251,11 @@ def export_run(
     config = PhiClipConfig.from_pretrained(where)
     check_exportable(config)
     merged_adapter = config.adapter_subfolder is not None
-    model = PhiClipForCausalLM.from_pretrained(where, dtype=torch.float32, device_map=str(device), merge_adapter=True)
+    model, phiclip_processor = load_parts(source, dtype=torch.float32, device_map=str(device), merge_adapter=True)
     target = _target_dtype(dtype, model)
     n_image_tokens = model.image_token_count()
     llava = to_llava(model).to(target)
-    phiclip_processor = PhiClipProcessor.from_pretrained(where, trust_remote_code=True)
-    processor = make_processor(phiclip_processor.tokenizer, phiclip_processor.image_processor,
+    processor = make_processor(phiclip_processor.tokenizer, llava_image_processor(phiclip_processor),
                                llava.config.vision_config, llava.config.vision_feature_select_strategy, n_image_tokens)
     tensors, tied = checkpoint_state(llava)
 
@@ -276,6 +287,7 @@ def export_run(
         "lora_merged": merged_adapter,
         "vision_tower_trained": bool(model.config.vision_weights),
         "tied_embeddings": tied,
+        "image_aspect": phiclip_processor.image_aspect,
         "weights": files,
         "note": (
             "PhiClip answers text-only questions with the adapter disabled; this merged checkpoint "

@@ -62,7 +62,7 @@ def check_images(json_path: Path, images_dir: Path) -> PrepareSummary:
         raise PrepareError(f"cannot read {json_path}: {e}") from None
     except ValueError as e:
         raise PrepareError(f"{e}; delete it and rerun") from None
-    referenced = {record.image for record in records if record.image is not None}
+    referenced = {name for record in records for name in record.images}
     resolver = ImageResolver(images_dir)
     missing = sorted(ref for ref in referenced if not _resolves(resolver, ref))
     return PrepareSummary(json_path, images_dir, report.n_read, len(referenced), missing, len(report.problems))

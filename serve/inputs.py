@@ -1,29 +1,24 @@
 """Check what a request carries before the model sees it: image bytes, data URLs, text.
 
 Uploads are handled as bytes in memory; nothing from a request is ever used as a path on
-disk. Images are decoded with the same rules as training images
-(:mod:`train.images`): a pixel limit that refuses decompression bombs before
-decoding, full decoding so truncated files fail here and not inside the model, and
-conversion of any mode to RGB. Only plain raster formats are opened (no EPS/PDF and other
-formats that call out to external programs).
+disk. Images are decoded by the processor's own :func:`processing_phiclip.open_image` (the one
+road every image takes: a pixel limit that refuses decompression bombs before decoding, full
+decoding so truncated files fail here and not inside the model, plain raster formats only);
+this module only turns its errors into HTTP errors. Message text is kept as it is: the
+processor tokenizes what a user writes as text, whatever it spells.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import re
-import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from train.images import MAX_PIXELS, to_rgb
-from train.records import IMAGE_PLACEHOLDER
+from processing_phiclip import MAX_PIXELS, ImageError, open_image
+from processing_phiclip import decode_base64 as _decode_base64
 from serve.errors import bad_request, too_large, unsupported
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -35,6 +30,7 @@ class Limits:
     max_pixels: int = MAX_PIXELS
     max_audio_seconds: float = 600.0
     max_text_chars: int = 100_000
+    max_images: int = 8  # per conversation
 
     @classmethod
     def from_mb(cls, max_upload_mb: float, **kwargs) -> "Limits":
@@ -49,31 +45,18 @@ def check_size(data: bytes, limits: Limits, what: str, param: str | None = None)
 
 
 def decode_image(data: bytes, limits: Limits, param: str | None = "image") -> Image.Image:
-    """An RGB image from uploaded bytes, or a :class:`ServeError` naming the problem."""
+    """A fully decoded image from uploaded bytes (its mode kept: the processor prepares it), or a
+    :class:`~serve.errors.ServeError` naming the problem."""
     if not data:
         raise bad_request("the image is empty (0 bytes)", param, "invalid_image")
     check_size(data, limits, "the image", param)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                width, height = image.size
-                if width * height > limits.max_pixels:
-                    raise too_large(
-                        f"the image has too many pixels: {width}x{height}; the limit is {limits.max_pixels:,} pixels",
-                        param,
-                    )
-                image.load()
-                return to_rgb(image)
-    except UnidentifiedImageError as err:
-        raise unsupported(
-            f"not an image, or an unsupported image format (supported: {', '.join(IMAGE_FORMATS)})", param
-        ) from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise too_large(
-            f"the image has too many pixels (limit {limits.max_pixels:,}); it looks like a decompression bomb", param
-        ) from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        return open_image(data, max_pixels=limits.max_pixels)
+    except ImageError as err:
+        if err.reason == "too_large":
+            raise too_large(f"{err}; it looks like a decompression bomb or an oversized image", param) from err
+        if err.reason == "unsupported":
+            raise unsupported(str(err), param) from err
         raise bad_request(f"the image is corrupt or truncated: {err}", param, "invalid_image") from err
 
 
@@ -99,11 +82,7 @@ def decode_data_url(url: str, limits: Limits, param: str) -> tuple[str, bytes]:
         )
     if not match.group("b64"):
         raise bad_request("the data URL must be base64-encoded (data:<mime type>;base64,...)", param)
-    try:
-        data = base64.b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise bad_request(f"the data URL is not valid base64: {err}", param) from err
-    return (match.group("mime") or "").lower(), data
+    return (match.group("mime") or "").lower(), _base64(payload, param, "the data URL")
 
 
 def decode_base64(text: str, limits: Limits, param: str) -> bytes:
@@ -114,15 +93,21 @@ def decode_base64(text: str, limits: Limits, param: str) -> bytes:
             f"the data is about {len(text) * 3 / 4 / 1e6:.1f} MB; the limit is {limits.max_upload_bytes / 1e6:.1f} MB",
             param,
         )
+    return _base64(text, param, "the data")
+
+
+def _base64(text: str, param: str, what: str) -> bytes:
+    """Base64 as clients send it (padding optional, line breaks, URL-safe alphabet), or a 400."""
     try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise bad_request(f"not valid base64: {err}", param) from err
+        return _decode_base64(text)
+    except ValueError as err:
+        raise bad_request(f"{what} is {err}", param) from err
 
 
 def clean_text(text: str) -> str:
-    """User text as the model should see it: no image placeholder (the server places its own)."""
-    return text.replace(IMAGE_PLACEHOLDER, " ").replace("\x00", "").strip()
+    """User text as the model should see it: NUL characters removed, outer whitespace trimmed (nothing else:
+    text that spells a special token or ``<image>`` is tokenized as text)."""
+    return text.replace("\x00", "").strip()
 
 
 def join_question(typed: str | None, transcript: str | None) -> str:

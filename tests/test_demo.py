@@ -40,7 +40,7 @@ def test_eval_questions_and_images_never_trained(metrics):
     cfg = load_config(DEMO / "config.yaml")
     train, _ = read_records(cfg.data.train)
     held_out, _ = read_records(metrics["data"])
-    assert not {r.image for r in train} & {r.image for r in held_out}
+    assert not {name for r in train for name in r.images} & {name for r in held_out for name in r.images}
     assert not {r.id for r in train} & {r.id for r in held_out}
 
 
@@ -115,8 +115,8 @@ def test_hub_user_loads_the_demo_folder_and_answers_held_out_questions(metrics, 
 
     held_out, _ = read_records(metrics["data"])
     images = load_config(DEMO / "config.yaml").data.images
-    items = [{"image": str(Path(images) / r.image), "question": r.turns[0].content.replace("<image>", "").strip(),
-              "answer": r.turns[1].content} for r in held_out]
+    items = [{"image": str(Path(images) / r.images[0]), "question": r.turns[0].content.replace("<image>", "").strip(),
+              "answer": r.turns[1].content} for r in held_out if len(r.images) == 1]
     (tmp_path / "items.json").write_text(json.dumps(items))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     root = Path(__file__).resolve().parents[1]

@@ -152,7 +152,7 @@ def test_load_eval_set(tmp_path):
     q2 = by_id["q2"]
     assert q2.references == ["blue"] and q2.question == "Main colour?"
     assert [m["role"] for m in q2.messages] == ["user", "assistant", "user"]
-    assert by_id["t0"].image is None and by_id["q0"].question_type == "colour"
+    assert by_id["t0"].images == [] and by_id["q0"].question_type == "colour"
     limited, _ = load_eval_set(data, images, limit=2)
     assert len(limited) == 2
     jsonl = tmp_path / "eval.jsonl"

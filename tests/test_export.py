@@ -34,11 +34,14 @@ def _processor(tokenizer, clip_dir: Path, strategy: str, system_prompt: str | No
 
 def _phiclip_ids(tokenizer, messages, n_image_tokens):
     """What PhiClip feeds its model (one <image>), with <image> expanded as the Llava checkpoint needs it."""
-    from train.template import encode_prompt
+    from transformers import CLIPImageProcessorPil
 
+    from processing_phiclip import PhiClipProcessor
+
+    phiclip = PhiClipProcessor(CLIPImageProcessorPil(), tokenizer, chat_template=tokenizer.chat_template)
     ids = []
-    for token in encode_prompt(tokenizer, messages):
-        ids.extend([token] * (n_image_tokens if token == tokenizer.convert_tokens_to_ids("<image>") else 1))
+    for token in phiclip.encode_chat(messages, add_generation_prompt=True, image_markers=True)[0]:
+        ids.extend([token] * (n_image_tokens if token == phiclip.image_token_id else 1))
     return ids
 
 
@@ -222,12 +225,12 @@ def test_export_matches_run_in_fresh_process(exported, tiny_run, tmp_path):
     }
     image_token = chat.processor.image_token_id
     for name, (messages, img) in cases.items():
-        ids = chat.prompt_ids(messages, with_image=img is not None)
+        ids = chat.prompt_ids(messages, n_images=int(img is not None))
         expanded = [t for token in ids for t in [token] * (chat.n_image_tokens if token == image_token else 1)]
         assert fresh[name + "_ids"] == expanded, name
         inputs = {"input_ids": torch.tensor([ids])}
         if img is not None:
-            inputs["pixel_values"] = chat.processor.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = chat.processor.image_pixels([img])
         with torch.no_grad():  # adapter enabled: the merged checkpoint always applies it
             logits = chat.model(**inputs).logits[0]
         vocab = logits.shape[-1]  # the export gives <image> a vocabulary row of its own

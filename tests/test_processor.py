@@ -5,7 +5,11 @@ from helpers import tokenizer_with_template
 from PIL import Image
 
 from processing_phiclip import PhiClipProcessor
-from train.template import encode_prompt
+
+
+def encode_prompt(processor, messages):
+    """The training prompt's ids: LLaVA-record messages (``<image>`` markers) up to the generation prompt."""
+    return processor.encode_chat(messages, add_generation_prompt=True, image_markers=True)[0]
 
 
 @pytest.fixture(params=["chatml", "phi3", "llama3"])
@@ -21,7 +25,7 @@ def _image():
 
 
 def test_question_with_image_is_the_training_prompt(processor):
-    expected = encode_prompt(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat colour is it?"}])
+    expected = encode_prompt(processor, [{"role": "user", "content": "<image>\nWhat colour is it?"}])
     string_form = processor(images=_image(), text="What colour is it?")["input_ids"][0]
     parts = [{"role": "user", "content": [{"type": "text", "text": "What colour is it?"},
                                           {"type": "image", "image": _image()}]}]
@@ -36,7 +40,7 @@ def test_multi_turn_history_matches_training(processor):
                 {"role": "user", "content": "And the shape?"}]
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
     ids = processor(images=_image(), text=rendered)["input_ids"][0]
-    assert list(ids) == encode_prompt(processor.tokenizer, messages)
+    assert list(ids) == encode_prompt(processor, messages)
 
 
 def test_batch_is_left_padded_and_images_follow_their_texts(processor):

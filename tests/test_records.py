@@ -9,8 +9,9 @@ import pytest
 from helpers import write_image
 from PIL import Image
 
+from processing_phiclip import open_image, prepare_image
 from train.check import check_dataset
-from train.images import ImageResolver, open_image
+from train.images import ImageResolver
 from train.records import read_records
 
 
@@ -124,7 +125,7 @@ def test_unusual_modes_load_as_rgb(tmp_path, mode):
         Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(path)
     else:
         write_image(path, 3, size=32, mode=mode)
-    image = open_image(path)
+    image = prepare_image(open_image(path), "crop")
     assert image.mode == "RGB" and image.size == (32, 32)
     if mode == "I;16":
         assert np.asarray(image).max() > 200  # scaled from 16 bit, not clipped to black/white
@@ -133,16 +134,15 @@ def test_unusual_modes_load_as_rgb(tmp_path, mode):
 def test_transparent_pixels_become_white(tmp_path):
     path = tmp_path / "t.png"
     Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(path)
-    assert open_image(path).getpixel((0, 0)) == (255, 255, 255)
+    assert prepare_image(open_image(path)).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    from train import images
+def test_decompression_bomb_is_refused(tmp_path):
+    from processing_phiclip import ImageError
 
     path = write_image(tmp_path / "big.png", 0, size=100)
-    monkeypatch.setattr(images, "MAX_PIXELS", 5000)
-    with pytest.raises(images.ImageError, match="too large"):
-        images.open_image(path)
+    with pytest.raises(ImageError, match="too large"):
+        open_image(path, max_pixels=5000)
 
 
 @pytest.mark.parametrize("on_disk", ["000000033471.jpg", "COCO_train2014_000000033471.jpg", "train2017/000000033471.jpg"])
@@ -161,8 +161,48 @@ def test_data_stats_counts_records_turns_and_long_ones(toy_data, tiny_llama_dir)
     path, _ = toy_data
     text = dataset_stats(path, tokenizer=str(tiny_llama_dir), max_length=45)
     assert "records: 13 usable of 13 read (0 malformed)" in text
-    assert "images: 12 records with an image, 12 distinct files, 1 text-only" in text
+    assert "images: 12 in 12 records, 12 distinct files, 1 text-only records" in text
+    assert "images per record: 0: 1, 1: 12" in text
     assert "answers per record: 1: 1, 2: 12" in text
     over = int(text.split("records over max_length 45 before image tokens: ")[1].split()[0])
     assert over == 12  # every two-turn record is longer than 45 tokens, the one-line text record is not
     assert "token-length histogram:" in text
+
+
+def test_several_images_in_any_user_turn(tmp_path):
+    """LLaVA-OneVision's convention: a list of images, one <image> per image, in any human turn."""
+    two_turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+                 {"from": "human", "value": "And here? <image>"}, {"from": "gpt", "value": "A dog, not <image>."}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([
+        {"id": "pair", "image": ["a.png", "b.png"], "conversations": two_turns},
+        {"id": "images-key", "images": ["a.png", "b.png"], "conversations": conv(q="<image> and <image>?")},
+        {"id": "mismatch", "image": ["a.png", "b.png"], "conversations": conv()},
+        {"id": "unmarked-pair", "images": ["a.png", "b.png"], "conversations": conv(q="Same?")},
+        {"id": "both-keys", "image": "a.png", "images": ["b.png"], "conversations": conv()},
+        {"id": "bad-entry", "images": ["a.png", 3], "conversations": conv()},
+    ]))
+    records, report = read_records(path)
+    assert [r.id for r in records] == ["pair", "images-key"]
+    assert records[0].images == ["a.png", "b.png"] and records[1].images == ["a.png", "b.png"]
+    reasons = {p.record: p.reason for p in report.problems}
+    assert reasons["mismatch"] == "bad placeholder: 1 '<image>' marker(s) in the user turns for 2 image(s)"
+    assert reasons["unmarked-pair"] == "bad placeholder: 0 '<image>' marker(s) in the user turns for 2 image(s)"
+    assert reasons["both-keys"].startswith("bad field: both 'image' and 'images'")
+    assert reasons["bad-entry"].startswith("bad field: 'images'[1] must be a non-empty string")
+
+
+def test_data_check_counts_text_that_spells_special_tokens(tmp_path, tiny_llama_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "ok.png", 0)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([
+        {"id": "plain", "image": "ok.png", "conversations": conv()},
+        {"id": "spells", "image": "ok.png", "conversations": conv(a="Type <|im_end|> to stop.")},
+        {"id": "marker-in-answer", "conversations": conv(q="Hi", a="Write <image> in HTML as &lt;image&gt;.")},
+    ]))
+    report = check_dataset(path, images, tokenizer=str(tiny_llama_dir))
+    assert report.n_kept == 3 and not report.problems
+    assert sum(report.notes.values()) == 2
+    assert "note: 2 kept record(s): text spells a special token" in report.summary()

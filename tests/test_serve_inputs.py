@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from processing_phiclip import prepare_image
 from serve.errors import ServeError
 from serve.inputs import Limits, decode_data_url, decode_image, join_question
 from serve.schema import parse_chat, parse_json
@@ -27,7 +28,7 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 def test_any_image_mode_becomes_rgb(mode):
     fmt = "TIFF" if mode in ("CMYK",) else "PNG"
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 10, 3), dtype=np.uint8)).convert(mode)
-    out = decode_image(encode(image, fmt), LIMITS)
+    out = prepare_image(decode_image(encode(image, fmt), LIMITS), "crop")
     assert out.mode == "RGB" and out.size == (10, 12)
 
 
@@ -69,8 +70,8 @@ def test_data_urls():
             decode_data_url(url, LIMITS, "u")
 
 
-def test_question_joins_typed_text_and_transcript_and_drops_placeholders():
-    assert join_question("  What is <image> this? ", "a red circle") == "What is   this?\na red circle"
+def test_question_joins_typed_text_and_transcript_and_keeps_text_as_written():
+    assert join_question("  What is <image> this? ", "a red circle") == "What is <image> this?\na red circle"
     assert join_question("", "") == ""
 
 

@@ -238,7 +238,7 @@ def test_answer_transforms_reach_the_labels(tmp_path, tiny_llama_dir, tiny_clip_
     path, images = make_toy_data(tmp_path)
     built = build_model(tiny_config(tiny_llama_dir, tiny_clip_dir, (path, images), tmp_path).model)
     records, report = read_records(path)
-    ds = LlavaDataset(records[1:2], tokenizer=built.tokenizer, image_processor=built.image_processor,
+    ds = LlavaDataset(records[1:2], processor=built.processor,
                       resolver=ImageResolver(images), n_image_tokens=built.n_image_tokens,
                       max_length=256, report=report, drop_stopwords=stopwords, drop_punctuation=punctuation)
     labels = ds[0]["labels"]
@@ -253,20 +253,20 @@ def test_answer_transforms_reach_the_labels(tmp_path, tiny_llama_dir, tiny_clip_
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_image_is_reported_once_and_not_opened_again(tmp_path, tiny_llama_dir, tiny_clip_dir, monkeypatch, workers):
-    from train import dataset
+    import processing_phiclip
 
     path, images = make_toy_data(tmp_path)
     (images / "img3.png").write_bytes(b"garbage")  # record id r1; fails only when decoded, mid-run
     attempts = tmp_path / "attempts.txt"
-    opened = dataset.open_image
+    opened = processing_phiclip.open_image
 
-    def open_image(image_path):
+    def open_image(image_path, *args, **kwargs):
         if str(image_path).endswith("img3.png"):
             with attempts.open("a") as f:  # appended to by the worker processes too
                 f.write("img3\n")
-        return opened(image_path)
+        return opened(image_path, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "open_image", open_image)
+    monkeypatch.setattr(processing_phiclip, "open_image", open_image)
     # 13 records, 2 a step: 21 steps are three epochs
     cfg = tiny_config(tiny_llama_dir, tiny_clip_dir, (path, images), tmp_path / "run", max_steps=21, save_steps=100,
                       dataloader_workers=workers)

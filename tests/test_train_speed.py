@@ -10,7 +10,7 @@ import torch
 from helpers import make_toy_data, tiny_config
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from train import dataset as dataset_module
+import processing_phiclip
 from train.dataset import Collator, EpochLengthGroupedSampler, LlavaDataset
 from train.images import ImageResolver
 from train.loss import reads_boolean_logits_to_keep
@@ -34,7 +34,7 @@ def setup(tmp_path_factory, tiny_llama_dir, tiny_clip_dir):
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     records, report = read_records(data[0])
-    dataset = LlavaDataset(records, tokenizer=built.tokenizer, image_processor=built.image_processor,
+    dataset = LlavaDataset(records, processor=built.processor,
                            resolver=ImageResolver(data[1]), n_image_tokens=built.n_image_tokens,
                            max_length=128, report=report)
     args = TrainingArguments(output_dir=str(root / "out"), use_cpu=True, report_to="none")
@@ -97,7 +97,10 @@ def test_training_loss_equals_the_full_loss(setup, case, items):
         if grad is None or expected_grads[name] is None:
             assert grad is expected_grads[name] and "projector" in name and case == "text only", name
         else:
-            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+            # Float noise scales with the tensor (the masked and the causal attention kernels round differently):
+            # compare each element against 1e-5 of the tensor's largest gradient.
+            scale = float(expected_grads[name].abs().max())
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_only_what_the_loss_reads_is_computed(setup):
@@ -181,7 +184,7 @@ def test_trainer_groups_by_the_tokenized_lengths_without_opening_images(setup, m
     def no_image(path):
         raise AssertionError(f"opened {path}")
 
-    monkeypatch.setattr(dataset_module, "open_image", no_image)
+    monkeypatch.setattr(processing_phiclip, "open_image", no_image)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
                              train_sampling_strategy="group_by_length", seed=1, data_seed=9)
     trainer = PhiClipTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset, projector_lr=1e-3)

@@ -47,14 +47,16 @@ def no_stopwords_corpus(tmp_path, monkeypatch):
 
 
 def test_missing_corpus_stops_the_dataset_with_the_install_command(no_stopwords_corpus, smol_tokenizer_dir, tmp_path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, CLIPImageProcessorPil
 
+    from processing_phiclip import PhiClipProcessor
     from train.dataset import LlavaDataset
     from train.images import ImageResolver
     from train.records import Record, Report
 
     records = [Record("a", [Turn("user", "Hi"), Turn("assistant", "Hello there.")])]
-    settings = dict(tokenizer=AutoTokenizer.from_pretrained(smol_tokenizer_dir), image_processor=None,
+    processor = PhiClipProcessor.from_parts(CLIPImageProcessorPil(), AutoTokenizer.from_pretrained(smol_tokenizer_dir))
+    settings = dict(processor=processor,
                     resolver=ImageResolver(tmp_path), n_image_tokens=4, max_length=64, report=Report())
     assert len(LlavaDataset(records, **settings)) == 1  # the option off: no corpus needed
     with pytest.raises(FileNotFoundError, match=STOPWORDS_INSTALL) as err:

@@ -15,10 +15,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from configuration_phiclip import PhiClipConfig
 from demo import offline
 from modeling_phiclip import PhiClipForCausalLM, vision_tower_class
-from processing_phiclip import PhiClipProcessor
+from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
 from train.config import LoraConfig, ModelConfig
-
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass
@@ -90,7 +88,8 @@ def build_model(
     vision_path = offline.resolve(cfg.vision)
 
     processor = PhiClipProcessor.from_parts(
-        AutoImageProcessor.from_pretrained(vision_path), AutoTokenizer.from_pretrained(lm_path), system_prompt, IMAGE_TOKEN
+        AutoImageProcessor.from_pretrained(vision_path), AutoTokenizer.from_pretrained(lm_path), system_prompt,
+        IMAGE_TOKEN, cfg.image_aspect,
     )
     quant = quantization(lora, dtype)
     lm_kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}

@@ -6,22 +6,49 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from train.images import ImageError, ImageResolver, open_image
-from train.records import Report, read_records
+from processing_phiclip import IMAGE_TOKEN, ImageError, open_image, prepare_image
+from train.images import ImageResolver
+from train.records import Record, Report, read_records
 
 
-def check_dataset(data: str | Path, images: str | Path = "") -> Report:
-    """Parse every record and fully decode every image it references; problems go in the report."""
+SPELLED = "text spells a special token of the tokenizer (kept; trained on as plain text)"
+
+
+def spelled_special_tokens(record: Record, specials: set[str]) -> bool:
+    """Whether any turn's text spells one of ``specials`` (an ``<image>`` marker in a user turn is not text)."""
+    for turn in record.turns:
+        text = turn.content.replace(IMAGE_TOKEN, "") if turn.role == "user" else turn.content
+        if any(token in text for token in specials):
+            return True
+    return False
+
+
+def check_dataset(data: str | Path, images: str | Path = "", tokenizer: str | None = None) -> Report:
+    """Parse every record and fully decode (and prepare) every image it references; problems go in the report.
+
+    With ``tokenizer`` (a name, path or ``offline:NAME``), records whose text spells one of its special
+    tokens (or ``<image>`` outside a user turn) are counted as a note: they are kept and trained on as text.
+    """
     records, report = read_records(data)
     resolver = ImageResolver(images)
+    specials: set[str] = set()
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        from demo import offline
+
+        tok = AutoTokenizer.from_pretrained(offline.resolve(tokenizer))
+        specials = {t.content for t in tok.added_tokens_decoder.values() if t.special} | {IMAGE_TOKEN}
     kept = 0
     for record in tqdm(records, desc="checking images", unit="rec", mininterval=1):
-        if record.image is not None:
-            try:
-                open_image(resolver.resolve(record.image))
-            except ImageError as err:
-                report.skip(str(data), record.id, str(err))
-                continue
+        try:
+            for image in record.images:
+                prepare_image(open_image(resolver.resolve(image) if isinstance(image, str) else image))
+        except ImageError as err:
+            report.skip(str(data), record.id, str(err))
+            continue
+        if specials and spelled_special_tokens(record, specials):
+            report.note(SPELLED)
         kept += 1
     report.n_kept = kept
     return report

@@ -30,6 +30,9 @@ class ModelConfig:
     # "pooled": CLIP's projected image embedding, one token per image (original recipe variant).
     image_features: str = "patches"
     projector_init_std: float = 0.02
+    # How a non-square image becomes the tower's square input: "pad" (to a square with the image processor's
+    # mean colour, then resize: LLaVA-1.5's choice, and llama.cpp's) or "crop" (CLIP's resize + centre crop).
+    image_aspect: str = "pad"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
     attn_implementation: str = "sdpa"
 

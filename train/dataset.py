@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from train.images import ImageError, ImageResolver, open_image
+from processing_phiclip import ImageError, PhiClipProcessor
+from train.images import ImageResolver
 from train.records import Record, Report
 from train.template import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
 from train.transforms import english_stopwords, transform_answers
@@ -42,7 +42,12 @@ def in_validation(record_id: str, fraction: float) -> bool:
 class Example:
     record: Record
     encoded: Encoded
-    image_path: str | None
+    images: list[Any]  # file paths (resolved) or embedded images, one per image token kept
+
+    @property
+    def image_keys(self) -> list[str]:
+        """How a bad image is remembered: its path, or the record's id and image index when embedded."""
+        return [img if isinstance(img, str) else f"{self.record.where} image {i}" for i, img in enumerate(self.images)]
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -50,8 +55,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self,
         records: list[Record],
         *,
-        tokenizer: PreTrainedTokenizerBase,
-        image_processor: Any,
+        processor: PhiClipProcessor,
         resolver: ImageResolver,
         n_image_tokens: int,
         max_length: int,
@@ -60,11 +64,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         drop_stopwords: bool = False,
         drop_punctuation: bool = False,
     ) -> None:
-        self.image_processor = image_processor
+        self.processor = processor
         self.n_image_tokens = n_image_tokens
         self.report = report
         self.examples: list[Example] = []
-        self.bad_images: dict[str, str] = {}  # image path -> why it cannot be used
+        self.bad_images: dict[str, str] = {}  # image key (see Example.image_keys) -> why it cannot be used
         kept = 0
         stopwords = english_stopwords() if drop_stopwords else None
         for record in tqdm(records, desc="tokenizing", unit="rec", leave=False, mininterval=2):
@@ -73,18 +77,15 @@ class LlavaDataset(torch.utils.data.Dataset):
                 report.skip(record.source, record.id, "no answer: answer empty after answer transforms")
                 continue
             try:
-                image_path = str(resolver.resolve(record.image)) if record.image else None
                 encoded = encode_conversation(
-                    tokenizer,
-                    turns,
-                    n_image_tokens=n_image_tokens if record.image else 0,
-                    max_length=max_length,
-                    system_prompt=system_prompt,
+                    processor, turns, n_image_tokens=n_image_tokens, max_length=max_length, system_prompt=system_prompt
                 )
+                images = [str(resolver.resolve(img)) if isinstance(img, str) else img
+                          for img in record.images[: encoded.n_images]]
             except (ImageError, TemplateError) as err:
                 report.skip(record.source, record.id, str(err))
                 continue
-            self.examples.append(Example(record, encoded, image_path))
+            self.examples.append(Example(record, encoded, images))
             kept += 1
         report.n_kept = kept
 
@@ -94,19 +95,15 @@ class LlavaDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """LM positions of each example (an image counts as its features), known without opening an image."""
-        return [len(e.encoded.input_ids) + (self.n_image_tokens - 1) * (e.image_path is not None) for e in self.examples]
+        return [len(e.encoded.input_ids) + (self.n_image_tokens - 1) * len(e.images) for e in self.examples]
 
-    def pixels(self, path: str) -> torch.Tensor:
-        image = open_image(path)
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    def exclude_image(self, path: str, reason: str) -> None:
+    def exclude_image(self, key: str, reason: str) -> None:
         """Skip the examples showing this image from now on; each is reported once (in this process's report)."""
-        if path in self.bad_images:
+        if key in self.bad_images:
             return
-        self.bad_images[path] = reason
+        self.bad_images[key] = reason
         for example in self.examples:
-            if example.image_path == path:
+            if key in example.image_keys:
                 self.report.skip(example.record.source, example.record.id, reason)
                 self.report.n_kept -= 1
 
@@ -114,20 +111,26 @@ class LlavaDataset(torch.utils.data.Dataset):
         failed: list[tuple[str, str]] = []
         for attempt in range(len(self.examples)):
             example = self.examples[(index + attempt) % len(self.examples)]
-            if example.image_path in self.bad_images:
+            keys = example.image_keys
+            if any(key in self.bad_images for key in keys):
                 continue
             item: dict[str, Any] = {
                 "input_ids": torch.tensor(example.encoded.input_ids),
                 "labels": torch.tensor(example.encoded.labels),
             }
-            if example.image_path is not None:
+            pixels = []
+            for key, image in zip(keys, example.images):
                 try:
-                    item["pixel_values"] = self.pixels(example.image_path)
+                    pixels.append(self.processor.image_pixels([image]))  # (1, 3, H, W)
                 except ImageError as err:
-                    self.exclude_image(example.image_path, str(err))
+                    self.exclude_image(key, str(err))
                     if get_worker_info() is not None:  # a worker's copy: the main process must hear of it too
-                        failed.append((example.image_path, str(err)))
-                    continue
+                        failed.append((key, str(err)))
+                    break
+            if len(pixels) < len(keys):
+                continue
+            if pixels:
+                item["pixel_values"] = torch.cat(pixels)  # (n_images, 3, H, W)
             if failed:
                 item[IMAGE_ERRORS] = failed
             return item
@@ -153,7 +156,7 @@ class Collator:
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
         if pixels:
-            batch["pixel_values"] = torch.stack(pixels)
+            batch["pixel_values"] = torch.cat(pixels)  # images in row order, as the splice takes them
         failed = [error for item in items for error in item.get(IMAGE_ERRORS, ())]
         if failed:
             batch[IMAGE_ERRORS] = failed

@@ -13,22 +13,23 @@ from huggingface_hub import constants
 from chat.assistant import GenerationSettings, VisionChat
 from train.card import Example, model_card
 from train.config import load_config
-from train.images import ImageResolver, open_image
+from processing_phiclip import IMAGE_TOKEN
+from train.images import ImageResolver
 from train.records import read_records
 
 EXAMPLES_DIR = "examples"
 
 
 def example_questions(data: str | Path, images: str | Path, n: int) -> list[tuple[Path, str]]:
-    """The first ``n`` records with an image: (image path, first question without the placeholder)."""
+    """The first ``n`` records with one image: (image path, first question without the marker)."""
     records, _ = read_records(data)
     resolver = ImageResolver(str(images))
     out = []
     for record in records:
-        if record.image is None:
+        if len(record.images) != 1:
             continue
-        question = next(t.content for t in record.turns if t.role == "user").replace("<image>", "").strip()
-        out.append((Path(resolver.resolve(record.image)), question))
+        question = next(t.content for t in record.turns if t.role == "user").replace(IMAGE_TOKEN, "").strip()
+        out.append((Path(resolver.resolve(record.images[0])), question))
         if len(out) == n:
             break
     return out
@@ -53,7 +54,7 @@ def answered_card(
     written: list[Example] = []
     files: dict[str, Path] = {}
     for i, (image_path, question) in enumerate(examples):
-        answer = chat.answer([{"role": "user", "content": question}], open_image(str(image_path)), settings)
+        answer = chat.answer([{"role": "user", "content": question}], image_path, settings)
         name = f"{EXAMPLES_DIR}/{i}{Path(image_path).suffix.lower() or '.png'}"
         files[name] = Path(image_path)
         written.append(Example(name, question, answer))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IMAGE_PLACEHOLDER = "<image>"
+from processing_phiclip import IMAGE_TOKEN
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -26,9 +27,13 @@ class Turn:
 
 @dataclass
 class Record:
+    """One conversation. ``images`` holds one entry per ``<image>`` marker in its user turns, in order: a file name
+    (relative to the images folder) or, for datasets with embedded images, anything :func:`processing_phiclip.open_image`
+    reads (bytes, a ``datasets`` image dict, a PIL image)."""
+
     id: str
     turns: list[Turn]
-    image: str | None = None
+    images: list[Any] = field(default_factory=list)
     source: str = ""
     index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -55,9 +60,14 @@ class Report:
     n_read: int = 0
     n_kept: int = 0
     problems: list[Problem] = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)  # kept records worth knowing about, by kind
 
     def skip(self, file: str, record: str, reason: str) -> None:
         self.problems.append(Problem(file, record, reason))
+
+    def note(self, kind: str) -> None:
+        """Count a kept record of this kind (e.g. text that spells a special token, kept and encoded as text)."""
+        self.notes[kind] += 1
 
     def reasons(self) -> Counter:
         return Counter(p.reason.split(":")[0] for p in self.problems)
@@ -66,6 +76,8 @@ class Report:
         lines = [f"{self.n_read} records read, {self.n_kept} kept, {len(self.problems)} skipped"]
         for reason, count in self.reasons().most_common():
             lines.append(f"  {count:6d}  {reason}")
+        for kind, count in self.notes.most_common():
+            lines.append(f"  note: {count} kept record(s): {kind}")
         for problem in self.problems[:show]:
             lines.append(f"  - {problem}")
         if len(self.problems) > show:
@@ -78,6 +90,7 @@ class Report:
             "n_kept": self.n_kept,
             "n_skipped": len(self.problems),
             "reasons": dict(self.reasons()),
+            "notes": dict(self.notes),
             "problems": [vars(p) for p in self.problems],
         }
 
@@ -121,9 +134,7 @@ def parse_record(raw: Any, source: str, index: int) -> Record:
     convs = raw.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise BadRecord("empty conversation: 'conversations' missing or empty")
-    image = raw.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise BadRecord(f"bad field: 'image' must be a non-empty string, got {image!r}")
+    images = _images_field(raw)
     turns: list[Turn] = []
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict):
@@ -149,18 +160,32 @@ def parse_record(raw: Any, source: str, index: int) -> Record:
     for t, turn in enumerate(body):
         if turn.role == "assistant" and not turn.content.strip():
             raise BadRecord(f"no answer: assistant turn {t + len(system)} is empty")
-    n_placeholders = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in body)
-    if image is None and n_placeholders:
-        raise BadRecord("placeholder without image: '<image>' in text but no 'image' field")
-    if image is not None:
-        if n_placeholders > 1:
-            raise BadRecord(f"bad placeholder: {n_placeholders} '<image>' placeholders for one image")
-        if n_placeholders == 1 and IMAGE_PLACEHOLDER not in body[0].content:
-            raise BadRecord("bad placeholder: '<image>' must be in the first human turn")
-        if n_placeholders == 0:
-            body[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{body[0].content}")
-    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
-    return Record(id=rid, turns=system + body, image=image, source=source, index=index, extra=extra)
+    n_markers = sum(turn.content.count(IMAGE_TOKEN) for turn in body if turn.role == "user")
+    if not images and n_markers:
+        raise BadRecord(f"placeholder without image: {n_markers} '{IMAGE_TOKEN}' marker(s) in the text but no image")
+    if len(images) == 1 and n_markers == 0:
+        body[0] = Turn("user", f"{IMAGE_TOKEN}\n{body[0].content}")  # LLaVA's convention: the image comes first
+    elif n_markers != len(images):
+        raise BadRecord(f"bad placeholder: {n_markers} '{IMAGE_TOKEN}' marker(s) in the user turns for "
+                        f"{len(images)} image(s)")
+    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations")}
+    return Record(id=rid, turns=system + body, images=images, source=source, index=index, extra=extra)
+
+
+def _images_field(raw: dict) -> list[Any]:
+    """``image`` (a name or a list of names) or ``images`` (a list): LLaVA's and LLaVA-OneVision's spellings."""
+    if "image" in raw and "images" in raw and raw["image"] is not None and raw["images"] is not None:
+        raise BadRecord("bad field: both 'image' and 'images' are given")
+    key = "images" if raw.get("images") is not None else "image"
+    value = raw.get(key)
+    if value is None:
+        return []
+    names = value if isinstance(value, list) else [value]
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            where = f"'{key}'" if not isinstance(value, list) else f"'{key}'[{i}]"
+            raise BadRecord(f"bad field: {where} must be a non-empty string, got {name!r:.60}")
+    return list(names)
 
 
 def read_records(path: str | Path, limit: int = 0) -> tuple[list[Record], Report]:

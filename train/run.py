@@ -55,8 +55,7 @@ def split_records(
 def _dataset(cfg: RunConfig, built: Built, records: list[Record], report: Report) -> LlavaDataset:
     return LlavaDataset(
         records,
-        tokenizer=built.tokenizer,
-        image_processor=built.image_processor,
+        processor=built.processor,
         resolver=ImageResolver(cfg.data.images),
         n_image_tokens=built.n_image_tokens,
         max_length=cfg.data.max_length,

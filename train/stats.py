@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from train.records import read_records
-from train.template import render, to_messages
+from train.template import to_messages
 
 
 def _histogram(lengths: list[int], max_length: int, bins: int = 10, width: int = 40) -> list[str]:
@@ -23,7 +23,7 @@ def _histogram(lengths: list[int], max_length: int, bins: int = 10, width: int =
 
 
 def dataset_stats(data: str | Path, tokenizer: str, max_length: int = 2048) -> str:
-    """A printable summary; token lengths use the chat template, image tokens not counted."""
+    """A printable summary; token lengths use the chat template, image features not counted."""
     from transformers import AutoTokenizer
 
     from demo import offline
@@ -33,15 +33,17 @@ def dataset_stats(data: str | Path, tokenizer: str, max_length: int = 2048) -> s
     lengths = []
     turns: Counter = Counter()
     for record in tqdm(records, desc="tokenizing", unit="rec", mininterval=1):
-        text = render(tok, to_messages(record.turns), generation_prompt=False)
+        text = tok.apply_chat_template(to_messages(record.turns), tokenize=False)
         lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
         turns[sum(t.role == "assistant" for t in record.turns)] += 1
-    with_image = sum(r.image is not None for r in records)
+    per_record = Counter(len(r.images) for r in records)
+    files = {name for r in records for name in r.images if isinstance(name, str)}
     lines = [
         f"{data}",
         f"records: {len(records)} usable of {report.n_read} read ({len(report.problems)} malformed)",
-        f"images: {with_image} records with an image, {len({r.image for r in records if r.image})} distinct files,"
-        f" {len(records) - with_image} text-only",
+        f"images: {sum(len(r.images) for r in records)} in {len(records) - per_record[0]} records, "
+        f"{len(files)} distinct files, {per_record[0]} text-only records",
+        "images per record: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_record.items())),
         "answers per record: " + ", ".join(f"{k}: {v}" for k, v in sorted(turns.items())),
     ]
     if lengths:
