@@ -5,12 +5,15 @@ Layout, top to bottom:
 1. ``PhiClipProjector``: vision features -> LM embeddings.
 2. ``PhiClipForCausalLM``: image features, the splice (each ``<image>`` token in ``input_ids`` is
    replaced by that image's projected features, between the text before and after it), the
-   forward, and ``generate()``: a manual loop over embeddings with a KV cache.
+   forward, and ``generate()``: greedy and sampled decoding by a manual loop over embeddings with a
+   KV cache, beam search by the LM's own ``generate()`` over the spliced embeddings; every
+   GenerationConfig field is honoured or refused by name.
 3. Loading and saving: the base LM and the tower are loaded by name; ``projector.safetensors``
    and the LoRA adapter (PEFT, in ``adapter/``) are the repository's own weights.
 
 Text-only generation runs the base LM with the adapter switched off (``text_only_base_lm``),
-so a LoRA trained on short visual answers does not change the LM's text replies.
+so a LoRA trained on short visual answers does not change the LM's text replies; in a batch
+that mixes image and text-only rows, each row takes its own route.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import copy
 import inspect
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +33,37 @@ from transformers import (
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
     DynamicCache,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
     GenerationConfig,
     GenerationMixin,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessorList,
+    MaxTimeCriteria,
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
     PreTrainedModel,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     SiglipVisionModel,
     StoppingCriteriaList,
     StopStringCriteria,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 from transformers.activations import ACT2FN
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 try:
     from .configuration_phiclip import PhiClipConfig
@@ -303,33 +323,71 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def _cache_kwargs(self, cache: DynamicCache) -> dict[str, DynamicCache]:
-        """transformers 5.24+ names the cache argument ``cache``; earlier releases ``past_key_values``."""
-        lm = self.language_model.get_base_model() if self.has_adapter else self.language_model
-        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        return {name: cache}
-
-    def _logits_processors(self, gen: GenerationConfig, prompt_length: int, extra) -> LogitsProcessorList:
-        processors = LogitsProcessorList()
-        if gen.repetition_penalty is not None and gen.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
-        eos = gen.eos_token_id
-        if gen.min_new_tokens and eos is not None:
-            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, gen.min_new_tokens, eos))
-        if gen.do_sample:
-            if gen.temperature is not None and gen.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(gen.temperature))
-            if gen.top_k is not None and gen.top_k != 0:
-                processors.append(TopKLogitsWarper(gen.top_k))
-            if gen.top_p is not None and gen.top_p < 1.0:
-                processors.append(TopPLogitsWarper(gen.top_p))
-        processors.extend(extra or [])
-        return processors
+    # GenerationConfig fields, sorted three ways. Any field in none of them (such as one a later transformers
+    # adds) is refused as soon as it is set, so that no setting is silently ignored.
+    GENERATION_HONOURED = frozenset({
+        "max_length", "max_new_tokens", "min_length", "min_new_tokens", "max_time", "stop_strings", "eos_token_id",
+        "pad_token_id", "do_sample", "num_beams", "num_return_sequences", "length_penalty", "early_stopping",
+        "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+        "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
+        "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "remove_invalid_values",
+        "renormalize_logits", "watermarking_config", "output_scores", "output_logits", "return_dict_in_generate",
+    })
+    # Fields that cannot change what generate() returns: the cache is always on, generation always starts from
+    # input_ids (bos_token_id only starts an empty prompt), nothing is compiled, no cache is returned.
+    GENERATION_NO_EFFECT = frozenset({
+        "use_cache", "bos_token_id", "disable_compile", "return_legacy_cache", "transformers_version",
+    })
+    # Refused fields: the value that leaves each one off (besides None and GenerationConfig()'s own default), and why.
+    GENERATION_REFUSED = {
+        "num_beam_groups": (1, "group (diverse) beam search is not implemented"),
+        "diversity_penalty": (0.0, "group (diverse) beam search is not implemented"),
+        "constraints": (None, "constrained beam search is not implemented"),
+        "force_words_ids": (None, "constrained beam search is not implemented"),
+        "penalty_alpha": (None, "contrastive search is not implemented"),
+        "dola_layers": (None, "DoLa decoding is not implemented"),
+        "top_h": (None, "top-H sampling is not implemented"),
+        "guidance_scale": (1.0, "classifier-free guidance is not implemented"),
+        "token_healing": (False, "token healing is not implemented"),
+        "low_memory": (False, "sequential beam search is not implemented"),
+        "output_attentions": (False, "attentions are not returned"),
+        "output_hidden_states": (False, "hidden states are not returned"),
+        "encoder_repetition_penalty": (1.0, "an encoder-decoder setting"),
+        "encoder_no_repeat_ngram_size": (0, "an encoder-decoder setting"),
+        "decoder_start_token_id": (None, "an encoder-decoder setting"),
+        "cache_implementation": (None, "generation runs on a DynamicCache"),
+        "cache_config": (None, "generation runs on a DynamicCache"),
+        "max_cache_len": (None, "generation runs on a DynamicCache"),
+        "compile_config": (None, "generation is not compiled"),
+        "prefill_chunk_size": (None, "the prompt is prefilled in one pass"),
+        "continuous_batching_config": (None, "continuous batching is not implemented"),
+        "is_assistant": (False, "assisted generation is not implemented"),
+        "num_assistant_tokens": (20, "assisted generation is not implemented"),
+        "num_assistant_tokens_schedule": ("constant", "assisted generation is not implemented"),
+        "assistant_confidence_threshold": (0.4, "assisted generation is not implemented"),
+        "assistant_lookbehind": (10, "assisted generation is not implemented"),
+        "target_lookbehind": (10, "assisted generation is not implemented"),
+        "assistant_early_exit": (None, "assisted generation is not implemented"),
+        "assistant_ensemble_weight": (None, "assisted generation is not implemented"),
+        "prompt_lookup_num_tokens": (None, "prompt lookup decoding is not implemented"),
+        "max_matching_ngram_size": (None, "prompt lookup decoding is not implemented"),
+        "speculation_type": (None, "speculative decoding is not implemented"),
+        "use_mtp": (False, "multi-token prediction is not implemented"),
+    }
+    # transformers' generate() arguments that are not GenerationConfig fields and that PhiClip refuses.
+    GENERATE_ARGUMENTS_REFUSED = {
+        "assistant_model": "assisted generation is not implemented",
+        "assistant_tokenizer": "assisted generation is not implemented",
+        "negative_prompt_ids": "classifier-free guidance is not implemented",
+        "negative_prompt_attention_mask": "classifier-free guidance is not implemented",
+        "custom_generate": "custom generation methods are not supported",
+        "synced_gpus": "generation runs on one process",
+    }
 
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
@@ -337,80 +395,413 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         stopping_criteria: StoppingCriteriaList | None = None,
         streamer: Any | None = None,
         tokenizer: Any | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
         **kwargs: Any,
-    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
-        """Greedy or sampled generation; returns the prompt ids followed by the new ids (padded after EOS).
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """The prompt ids followed by the new ids, ``(batch * num_return_sequences, prompt + new)``, padded after EOS.
 
-        The prompt is spliced and run once; then each new token goes through the LM with the
-        KV cache. Rows of a left- or right-padded batch stop independently. Accepts a
-        ``GenerationConfig`` and its fields as keywords (``max_new_tokens``, ``do_sample``,
-        ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``min_new_tokens``,
-        ``eos_token_id`` (int or list), ``stop_strings`` (needs ``tokenizer=``),
-        ``return_dict_in_generate``), plus logits processors, stopping criteria and a streamer.
+        Greedy and sampled decoding run our own loop: the spliced prompt once, then each new token
+        through the LM with a ``DynamicCache``; rows stop independently. Beam search runs the LM's
+        own ``generate()`` over the spliced embeddings. Each row is answered as it would be alone: in
+        a batch that mixes image rows and text-only rows, the text-only rows run on the base LM (when
+        ``config.text_only_base_lm`` and there is an adapter) and the image rows with the adapter.
+
+        Honoured, as a ``GenerationConfig`` or as keywords, with transformers' meaning and defaults
+        (``GENERATION_HONOURED``): lengths (``max_new_tokens``, ``max_length``, ``min_new_tokens``,
+        ``min_length``; lengths count ``input_ids`` as given), ``max_time``, ``stop_strings`` (needs
+        ``tokenizer=``), ``eos_token_id`` (int or list), ``pad_token_id``; ``do_sample`` with
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``epsilon_cutoff``, ``eta_cutoff``;
+        ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``;
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ``sequence_bias``,
+        ``suppress_tokens``, ``begin_suppress_tokens``, ``forced_bos_token_id``, ``forced_eos_token_id``,
+        ``exponential_decay_length_penalty``, ``remove_invalid_values``, ``renormalize_logits``,
+        ``watermarking_config``; ``return_dict_in_generate`` with ``output_scores`` / ``output_logits``
+        (a ``GenerateDecoderOnlyOutput``, or a ``GenerateBeamDecoderOnlyOutput`` for beam search).
+        Also ``logits_processor``, ``stopping_criteria``, ``prefix_allowed_tokens_fn`` and a
+        ``streamer`` (TextStreamer's put/end protocol; not with beam search).
+
+        Raises:
+            ValueError: a setting that is not honoured (``GENERATION_REFUSED``, any GenerationConfig
+                field not listed here, ``GENERATE_ARGUMENTS_REFUSED``) is set, naming it;
+                ``inputs_embeds`` is given; the settings contradict each other.
+            TypeError: an argument that is neither a GenerationConfig field nor a generate() argument.
         """
-        gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        kwargs.pop("use_cache", None)
-        unused = gen.update(**kwargs)
-        if unused:
-            raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(unused))}")
-        batch, prompt_length = input_ids.shape
-        max_length = gen.max_length if gen.max_length is not None else 20  # transformers' default
-        max_new = gen.max_new_tokens if gen.max_new_tokens is not None else max(max_length - prompt_length, 0)
-        eos = gen.eos_token_id if gen.eos_token_id is not None else []
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device, dtype=torch.long)
-        pad = gen.pad_token_id if gen.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
-        processors = self._logits_processors(gen, prompt_length, logits_processor)
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        if gen.stop_strings:
-            if tokenizer is None:
-                raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=processor.tokenizer)")
-            criteria.append(StopStringCriteria(tokenizer, gen.stop_strings))
-
-        text_only = pixel_values is None and not bool((input_ids == self.config.image_token_id).any())
-        route = self.adapter_disabled() if text_only and self.config.text_only_base_lm else contextlib.nullcontext()
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                "generate(inputs_embeds=...) is not supported: PhiClip builds the embeddings itself from input_ids "
+                "(one <image> token per image) and pixel_values. To continue from embeddings of your own, call "
+                "model.language_model.generate(inputs_embeds=...)"
+            )
+        kwargs.pop("inputs_embeds", None)
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (with one <image> token per image in pixel_values)")
+        gen = self._generation_config(generation_config, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Ids the logits processors see: the image marker may lie outside the LM's vocabulary.
-        sequences = input_ids.masked_fill(input_ids == self.config.image_token_id, pad)
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new_tokens: list[torch.Tensor] = []
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        with route:
-            features = self.get_image_features(pixel_values) if pixel_values is not None else None
-            spliced = self.splice(input_ids, features, attention_mask, padding_side="left")
-            mask, positions = spliced["attention_mask"], spliced["position_ids"]
-            cache_kwargs = self._cache_kwargs(DynamicCache())
-            out = self.language_model(
-                inputs_embeds=spliced["inputs_embeds"], attention_mask=mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1, **cache_kwargs,
+        beams = (gen.num_beams or 1) > 1
+        if (gen.output_scores or gen.output_logits) and not gen.return_dict_in_generate:
+            raise ValueError("output_scores and output_logits need return_dict_in_generate=True")
+        if streamer is not None and beams:
+            raise ValueError("a streamer cannot be used with beam search (num_beams > 1)")
+        if gen.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=processor.tokenizer)")
+
+        has_image = ((input_ids == self.config.image_token_id) & attention_mask.bool()).any(1)
+        routes = [has_image.nonzero().squeeze(1), (~has_image).nonzero().squeeze(1)]
+        base_lm_for_text = self.config.text_only_base_lm and self.has_adapter
+        if not (base_lm_for_text and routes[0].numel() and routes[1].numel()):
+            out = self._generate_rows(
+                input_ids, pixel_values, attention_mask, gen, self.config.text_only_base_lm and not has_image.any(),
+                logits_processor, stopping_criteria, streamer, tokenizer, prefix_allowed_tokens_fn,
             )
-            for step in range(max_new):
-                scores = processors(sequences, out.logits[:, -1, :].float())
-                if gen.do_sample:
-                    next_tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-                else:
-                    next_tokens = scores.argmax(-1)
-                next_tokens = torch.where(done, torch.full_like(next_tokens, pad), next_tokens)
-                sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-                new_tokens.append(next_tokens)
-                if streamer is not None:
-                    streamer.put(next_tokens.cpu())
-                done |= torch.isin(next_tokens, eos)
-                if criteria:
-                    done |= criteria(sequences, scores)
-                if bool(done.all()) or step == max_new - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                positions = positions[:, -1:] + 1
-                out = self.language_model(
-                    inputs_embeds=self.get_input_embeddings()(next_tokens[:, None]), attention_mask=mask,
-                    position_ids=positions, use_cache=True, **cache_kwargs,
-                )
+            return out if gen.return_dict_in_generate else out.sequences
+        # Text-only rows and image rows take different routes: run each group as a batch of its own.
         if streamer is not None:
-            streamer.end()
-        result = torch.cat([input_ids, *(t[:, None] for t in new_tokens)], dim=1)
-        return GenerateDecoderOnlyOutput(sequences=result) if gen.return_dict_in_generate else result
+            raise ValueError("a streamer needs a batch of one route: all rows with images, or all text-only rows")
+        n_markers = int(((input_ids == self.config.image_token_id) & attention_mask.bool()).sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_markers != n_images:
+            raise ValueError(f"input_ids hold {n_markers} {self.config.image_token} token(s) (rows "
+                             f"{routes[0].tolist()}) but pixel_values hold {n_images} image(s)")
+        parts = []
+        for rows, pixels, base_lm in ((routes[0], pixel_values, False), (routes[1], None, True)):
+            prefix_fn = prefix_allowed_tokens_fn
+            if prefix_fn is not None:  # it is asked about the row's place in the whole batch
+                prefix_fn = lambda row, ids, rows=rows.tolist(): prefix_allowed_tokens_fn(rows[row], ids)
+            parts.append(self._generate_rows(
+                input_ids[rows], pixels, attention_mask[rows], gen, base_lm,
+                logits_processor, stopping_criteria, None, tokenizer, prefix_fn,
+            ))
+        groups = [r.tolist() for r in routes]
+        out = self._merge_row_groups(parts, groups, input_ids.shape[0], self._pad_id(gen), gen.num_beams or 1)
+        return out if gen.return_dict_in_generate else out.sequences
+
+    def _generation_config(
+        self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+    ) -> GenerationConfig:
+        """A copy of ``generation_config`` (or the model's) updated with ``kwargs``, once every setting is known.
+
+        Raises ValueError naming a field that is set but not honoured, TypeError naming unknown arguments.
+        """
+        gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        for name, value in kwargs.items():
+            if name in self.GENERATE_ARGUMENTS_REFUSED and value is not None and value is not False:
+                raise ValueError(f"generate() does not support {name}: {self.GENERATE_ARGUMENTS_REFUSED[name]}")
+        known = set(vars(gen)) | set(self.GENERATE_ARGUMENTS_REFUSED)
+        unknown = sorted(name for name in kwargs if name not in known)
+        if unknown:
+            raise TypeError(f"generate() got unexpected arguments: {', '.join(unknown)}")
+        settings = {**vars(gen), **{k: v for k, v in kwargs.items() if hasattr(gen, k)}}
+        defaults = vars(GenerationConfig())
+        for name, value in settings.items():
+            if name.startswith("_") or name in self.GENERATION_HONOURED or name in self.GENERATION_NO_EFFECT:
+                continue
+            off, why = self.GENERATION_REFUSED.get(name, (None, "PhiClip's generate() does not implement it"))
+            if value is None or value == off or value == defaults.get(name):
+                continue
+            raise ValueError(f"generate() does not support {name}={value!r}: {why}")
+        gen.update(**{k: v for k, v in kwargs.items() if hasattr(gen, k)})
+        return gen
+
+    @staticmethod
+    def _pad_id(gen: GenerationConfig) -> int:
+        """``pad_token_id``, else the first EOS id, else 0."""
+        eos = gen.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+
+    def _cache_kwargs(self, cache: DynamicCache) -> dict[str, DynamicCache]:
+        """transformers 5.24+ names the cache argument ``cache``; earlier releases ``past_key_values``."""
+        lm = self.language_model.get_base_model() if self.has_adapter else self.language_model
+        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        return {name: cache}
+
+    def _generate_rows(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        gen: GenerationConfig,
+        base_lm: bool,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList | None,
+        streamer: Any | None,
+        tokenizer: Any | None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None,
+    ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """generate() for rows that share one route (``base_lm``: the LM with its adapter disabled)."""
+        eos = gen.eos_token_id if gen.eos_token_id is not None else []
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = self._pad_id(gen)
+        prompt_length = input_ids.shape[1]
+        max_length = gen.max_length if gen.max_length is not None else 20  # transformers' default
+        max_new = gen.max_new_tokens if gen.max_new_tokens is not None else max_length - prompt_length
+        if max_new < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for new tokens after a prompt of "
+                             f"{prompt_length} ids: set max_new_tokens")
+        min_new = gen.min_new_tokens
+        if min_new is None:
+            min_new = max((gen.min_length or 0) - prompt_length, 0)
+        num_beams, per_prompt = gen.num_beams or 1, gen.num_return_sequences or 1
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        if gen.stop_strings:
+            criteria.append(StopStringCriteria(tokenizer, gen.stop_strings))
+        if gen.max_time is not None:
+            criteria.append(MaxTimeCriteria(gen.max_time))
+
+        with self.adapter_disabled() if base_lm else contextlib.nullcontext():
+            features = self.get_image_features(pixel_values) if pixel_values is not None else None
+            spliced = self.splice(input_ids, features, attention_mask, labels=input_ids, padding_side="left")
+            # The ids the logits processors and stopping criteria see: the spliced rows, with pad_token_id over
+            # image features and padding (both labelled IGNORE_INDEX), one id per LM position.
+            labels = spliced.pop("labels")
+            seen = labels.masked_fill(labels == IGNORE_INDEX, pad)
+            padding = (spliced["attention_mask"] == 0).sum(1).repeat_interleave(max(num_beams, per_prompt))
+            processors = self._logits_processors(
+                gen, seen.shape[1], padding, eos, max_new, min_new, max(num_beams, per_prompt),
+                logits_processor, prefix_allowed_tokens_fn, input_ids.device,
+            )
+            if num_beams > 1:
+                out = self._beam_search(spliced, seen, gen, processors, criteria, max_new, eos, pad)
+            else:
+                if streamer is not None:
+                    streamer.put(input_ids.cpu())
+                out = self._decode(spliced, seen, gen, processors, criteria, streamer, per_prompt, max_new, eos, pad)
+                if streamer is not None:
+                    streamer.end()
+        out.sequences = torch.cat([input_ids.repeat_interleave(per_prompt, 0), out.sequences], dim=1)
+        return out
+
+    def _logits_processors(
+        self,
+        gen: GenerationConfig,
+        length: int,
+        padding: torch.Tensor,
+        eos: list[int],
+        max_new: int,
+        min_new: int,
+        rows_per_prompt: int,
+        extra: LogitsProcessorList | None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None,
+        device: torch.device,
+    ) -> LogitsProcessorList:
+        """transformers' public processors for ``gen``, in the order its own generate() applies them.
+
+        ``length``: the spliced prompt length the processors see; ``padding``: left padding of each
+        row (prompt rows repeated ``rows_per_prompt`` times), which the repetition penalty skips
+        under transformers 5. The user's ``extra`` processors run before the sampling warpers.
+        """
+        processors = LogitsProcessorList()
+        if gen.sequence_bias is not None:
+            processors.append(SequenceBiasLogitsProcessor(gen.sequence_bias))
+        if gen.repetition_penalty is not None and gen.repetition_penalty != 1.0:
+            penalty = float(gen.repetition_penalty)
+            try:  # transformers 5 skips each row's padding; 4.x takes one length (and penalises padding, as it does)
+                processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=padding))
+            except ValueError:
+                processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+        if gen.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
+        if gen.bad_words_ids is not None:
+            processors.append(NoBadWordsLogitsProcessor(gen.bad_words_ids, eos or None))
+        if min_new > 0 and eos:
+            processors.append(MinNewTokensLengthLogitsProcessor(length, min_new, eos, device=device))
+        if prefix_allowed_tokens_fn is not None:
+            processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, rows_per_prompt))
+        if gen.forced_bos_token_id is not None:
+            processors.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
+        if gen.forced_eos_token_id is not None:
+            processors.append(ForcedEOSTokenLogitsProcessor(length + max_new, gen.forced_eos_token_id, device=device))
+        if gen.remove_invalid_values:
+            processors.append(InfNanRemoveLogitsProcessor())
+        if gen.exponential_decay_length_penalty is not None:
+            processors.append(ExponentialDecayLengthPenalty(gen.exponential_decay_length_penalty, eos, length))
+        if gen.suppress_tokens is not None:
+            processors.append(SuppressTokensLogitsProcessor(gen.suppress_tokens, device=device))
+        if gen.begin_suppress_tokens is not None:
+            processors.append(SuppressTokensAtBeginLogitsProcessor(gen.begin_suppress_tokens, length, device=device))
+        processors.extend(extra or [])
+        if gen.do_sample:
+            # beam sampling keeps one token more than there are EOS ids, so that a beam can always go on
+            keep = len(eos) + 1 if (gen.num_beams or 1) > 1 else 1
+            if gen.temperature is not None and gen.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(gen.temperature))
+            top_k = gen.top_k if gen.top_k is not None else 50  # transformers' default
+            if top_k != 0:
+                processors.append(TopKLogitsWarper(top_k, min_tokens_to_keep=keep))
+            if gen.top_p is not None and gen.top_p < 1.0:
+                processors.append(TopPLogitsWarper(gen.top_p, min_tokens_to_keep=keep))
+            if gen.min_p is not None:
+                processors.append(MinPLogitsWarper(gen.min_p, min_tokens_to_keep=keep))
+            if gen.typical_p is not None and gen.typical_p < 1.0:
+                processors.append(TypicalLogitsWarper(gen.typical_p, min_tokens_to_keep=keep))
+            if gen.epsilon_cutoff is not None and 0.0 < gen.epsilon_cutoff < 1.0:
+                processors.append(EpsilonLogitsWarper(gen.epsilon_cutoff, min_tokens_to_keep=keep))
+            if gen.eta_cutoff is not None and 0.0 < gen.eta_cutoff < 1.0:
+                processors.append(EtaLogitsWarper(gen.eta_cutoff, min_tokens_to_keep=keep, device=device))
+        if gen.watermarking_config is not None:
+            vocab = self.get_output_embeddings().weight.shape[0]
+            processors.append(gen.watermarking_config.construct_processor(vocab, device))
+        if gen.renormalize_logits:
+            processors.append(LogitNormalization())
+        return processors
+
+    def _decode(
+        self,
+        spliced: dict[str, torch.Tensor],
+        seen: torch.LongTensor,
+        gen: GenerationConfig,
+        processors: LogitsProcessorList,
+        criteria: StoppingCriteriaList,
+        streamer: Any | None,
+        per_prompt: int,
+        max_new: int,
+        eos: list[int],
+        pad: int,
+    ) -> GenerateDecoderOnlyOutput:
+        """Greedy or sampled decoding with a KV cache; ``sequences`` are the new ids, ``(rows * per_prompt, steps)``.
+
+        The spliced prompts run once; each prompt's cache is then repeated for its ``per_prompt``
+        samples (``DynamicCache.batch_repeat_interleave``). ``scores`` (processed) and ``logits``
+        (raw) hold one ``(rows, vocab)`` tensor per step when asked for.
+        """
+        mask, positions = spliced["attention_mask"], spliced["position_ids"]
+        cache = DynamicCache()
+        cache_kwargs = self._cache_kwargs(cache)
+        out = self.language_model(
+            inputs_embeds=spliced["inputs_embeds"], attention_mask=mask, position_ids=positions,
+            use_cache=True, logits_to_keep=1, **cache_kwargs,
+        )
+        logits = out.logits[:, -1, :].float()
+        if per_prompt > 1:
+            cache.batch_repeat_interleave(per_prompt)
+            logits, mask, positions, seen = (
+                t.repeat_interleave(per_prompt, 0) for t in (logits, mask, positions, seen)
+            )
+        eos_ids = torch.tensor(eos, device=seen.device, dtype=torch.long)
+        done = torch.zeros(seen.shape[0], dtype=torch.bool, device=seen.device)
+        new_tokens: list[torch.Tensor] = []
+        all_scores: list[torch.Tensor] = []
+        all_logits: list[torch.Tensor] = []
+        for step in range(max_new):
+            scores = processors(seen, logits)
+            if gen.output_scores:
+                all_scores.append(scores)
+            if gen.output_logits:
+                all_logits.append(logits)
+            if gen.do_sample:
+                next_tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            next_tokens = torch.where(done, torch.full_like(next_tokens, pad), next_tokens)
+            seen = torch.cat([seen, next_tokens[:, None]], dim=1)
+            new_tokens.append(next_tokens)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            done |= torch.isin(next_tokens, eos_ids)
+            if criteria:
+                done |= criteria(seen, scores)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.language_model(
+                inputs_embeds=self.get_input_embeddings()(next_tokens[:, None]), attention_mask=mask,
+                position_ids=positions, use_cache=True, **cache_kwargs,
+            )
+            logits = out.logits[:, -1, :].float()
+        return GenerateDecoderOnlyOutput(
+            sequences=torch.stack(new_tokens, dim=1),
+            scores=tuple(all_scores) if gen.output_scores else None,
+            logits=tuple(all_logits) if gen.output_logits else None,
+        )
+
+    def _beam_search(
+        self,
+        spliced: dict[str, torch.Tensor],
+        seen: torch.LongTensor,
+        gen: GenerationConfig,
+        processors: LogitsProcessorList,
+        criteria: StoppingCriteriaList,
+        max_new: int,
+        eos: list[int],
+        pad: int,
+    ) -> GenerateBeamDecoderOnlyOutput:
+        """Beam search by the LM's own ``generate()`` over the spliced embeddings; ``sequences`` are the new ids.
+
+        transformers' beam search (the candidate pool, finished hypotheses, length penalty, the
+        early-stopping rules, reordering the cache with ``Cache.reorder_cache``) is long and subtle:
+        a second copy here could drift from it, so the LM runs it. It is given ``seen`` as
+        ``input_ids`` (what its processors and criteria read) and the spliced embeddings for the
+        prompt; our processors and criteria; and a configuration holding only the search settings,
+        so that neither the LM's own generation config nor transformers' defaults add anything.
+        """
+        lm = self.language_model.get_base_model() if self.has_adapter else self.language_model
+        search = GenerationConfig(
+            num_beams=gen.num_beams, num_return_sequences=gen.num_return_sequences, do_sample=bool(gen.do_sample),
+            length_penalty=gen.length_penalty, early_stopping=gen.early_stopping, top_k=0 if gen.do_sample else None,
+            max_new_tokens=max_new, eos_token_id=eos or None, pad_token_id=pad,
+            return_dict_in_generate=True, output_scores=gen.output_scores, output_logits=gen.output_logits,
+        )
+        own, lm.generation_config = lm.generation_config, GenerationConfig()
+        try:
+            out = lm.generate(
+                input_ids=seen, inputs_embeds=spliced["inputs_embeds"], attention_mask=spliced["attention_mask"],
+                generation_config=search, logits_processor=processors, stopping_criteria=criteria,
+            )
+        finally:
+            lm.generation_config = own
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=out.sequences[:, seen.shape[1]:],
+            sequences_scores=out.sequences_scores,
+            scores=out.scores,
+            logits=out.logits,
+            beam_indices=out.beam_indices,
+        )
+
+    @staticmethod
+    def _merge_row_groups(
+        parts: list[GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput],
+        groups: list[list[int]],
+        batch: int,
+        pad: int,
+        num_beams: int,
+    ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """The outputs of row groups as one, rows back in the batch's order (``groups[g]``: the rows of ``parts[g]``).
+
+        New ids are right-padded with ``pad``; a group's per-step ``scores`` / ``logits`` after it
+        stopped are -inf; ``beam_indices`` are renumbered to the whole batch's beams (-1 past the end).
+        """
+
+        def place(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+            """Rows of each group's tensor (the same number per batch row) at their batch rows, right-padded."""
+            per_row = tensors[0].shape[0] // len(groups[0])
+            out = tensors[0].new_full((batch * per_row, max(t.shape[1] for t in tensors)), fill)
+            for rows, tensor in zip(groups, tensors):
+                index = torch.tensor(rows, device=out.device)[:, None] * per_row
+                out[(index + torch.arange(per_row, device=out.device)).flatten(), : tensor.shape[1]] = tensor
+            return out
+
+        merged = {"sequences": place([p.sequences for p in parts], pad)}
+        for name in ("scores", "logits"):
+            steps = [getattr(p, name) for p in parts]
+            if steps[0] is not None:
+                longest = max(len(s) for s in steps)
+                past_end = [torch.full_like(s[0], float("-inf")) for s in steps]
+                merged[name] = tuple(
+                    place([s[i] if i < len(s) else end for s, end in zip(steps, past_end)], float("-inf"))
+                    for i in range(longest)
+                )
+        if isinstance(parts[0], GenerateBeamDecoderOnlyOutput):
+            if parts[0].sequences_scores is not None:
+                merged["sequences_scores"] = place([p.sequences_scores[:, None] for p in parts], 0.0)[:, 0]
+            renumbered = []
+            for rows, part in zip(groups, parts):
+                index, rows = part.beam_indices.long(), torch.tensor(rows, device=part.beam_indices.device)
+                batch_beam = rows[index.clamp(min=0) // num_beams] * num_beams + index % num_beams
+                renumbered.append(torch.where(index >= 0, batch_beam, -1))
+            merged["beam_indices"] = place(renumbered, -1)
+        return type(parts[0])(**merged)
 
     # ---- loading and saving -------------------------------------------------------------------
 
