@@ -62,6 +62,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    if args.gguf:
+        from export.gguf_push import push_gguf
+
+        commit = push_gguf(args.source, args.repo_id, quants=args.quant or ["q8_0"], private=args.private or None)
+        print(f"pushed the GGUF export of {args.source} -> {commit.commit_url}")
+        print(f"run it: llama-server -hf {args.repo_id}")
+        return 0
+    if args.quant:
+        raise SystemExit("--quant applies to --gguf only")
     from train.push import example_questions, push
 
     examples = None
@@ -100,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", default=[], help="dataset id for the card (repeatable)")
     p.add_argument("--license", default="mit")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--gguf", action="store_true", help="upload the GGUF export (LM + mmproj for llama.cpp, Ollama, "
+                   "LM Studio) instead; SOURCE may also be a folder written by `phiclip export --format gguf`")
+    p.add_argument("--quant", nargs="+", default=[], metavar="TYPE",
+                   help="with --gguf: quantized LM files besides f16 (default q8_0)")
     p.set_defaults(func=_push)
 
     p = sub.add_parser("chat", help="ask a model a question, with or without an image")

@@ -195,7 +195,7 @@ def export_gguf(
             "vision_cosine_min": {"square": cos_square, "wide_3x2": cos_wide},
             "image_aspect": facts.image_aspect, "pad_colour": list(pad),
             "llama_cpp_pad_colour": list(mmproj.LLAMACPP_PAD_COLOUR), "media_marker": gguf_lm.MEDIA_MARKER,
-            "default_quant": default_quant, "text_route": text_route}
+            "default_quant": default_quant, "text_route": text_route, "repo_id": repo_id}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     if out.exists():
         shutil.rmtree(out)

@@ -322,3 +322,26 @@ def test_demo_text_only_route_names_paris(demo_export):
     answer = LLAMA.runner("complete", {"model": str(demo_export / "text-only/demo-base-f16.gguf"), "max_tokens": 32,
                                        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     assert "Paris" in answer["answer"]
+
+
+def test_push_gguf_uploads_the_export_in_one_commit(clip_export, tmp_path):
+    import subprocess
+    import sys
+
+    from hub_server import LocalHub, hub_env
+
+    repo = "local-user/tiny-GGUF"
+    with LocalHub() as hub:
+        env = hub_env(hub.url, tmp_path / "hf-home")
+        pushed = subprocess.run([sys.executable, "-m", "phiclip_cli", "push", str(clip_export), repo, "--gguf"],
+                                env=env, capture_output=True, text=True, timeout=300,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert pushed.returncode == 0, pushed.stderr[-3000:] + "\n".join(hub.unknown_requests())
+        assert len(hub.commits(repo)) == 2  # the repository's initial commit, then ours
+        files = hub.files(repo)
+    local = {p.relative_to(clip_export).as_posix() for p in clip_export.rglob("*") if p.is_file()}
+    assert set(files) - {".gitattributes"} == local
+    assert files["tiny-Q8_0.gguf"] == (clip_export / "tiny-Q8_0.gguf").read_bytes()
+    card = files["README.md"].decode()
+    assert f"llama-server -hf {repo}:Q8_0" in card and "OWNER/" not in card
+    assert json.loads(files[INFO_FILE])["repo_id"] == repo
