@@ -130,6 +130,10 @@ def open_image(source: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """
     if isinstance(source, Image.Image):
         image = source
+        try:  # an image from Image.open is decoded lazily: a truncated file fails here, not in the model
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ImageError(f"unreadable image: {getattr(image, 'filename', '') or 'image'}: {err}") from err
     elif hasattr(source, "shape"):
         from transformers.image_transforms import to_pil_image
 

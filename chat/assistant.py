@@ -149,14 +149,12 @@ class VisionChat:
     def model_inputs(self, conversations: list[list[dict]], images: list[Any], image_markers: bool = False) -> dict:
         """Left-padded batch: ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``.
 
-        ``images[i]``: conversation i's images (a list, one image, or None). All conversations must
-        agree on having images or not (text-only questions run through the base LM).
+        ``images[i]``: conversation i's images (a list, one image, or None). A batch may mix image and
+        text-only questions: ``generate()`` answers each row by its own route, as it would alone.
         """
         per_row = [_image_list(item) for item in images]
         if len(per_row) != len(conversations):
             raise ValueError(f"{len(per_row)} image lists for {len(conversations)} conversations")
-        if len({bool(row) for row in per_row}) > 1:
-            raise ValueError("a batch must be all image questions or all text questions")
         rows = [self.prompt_ids(m, len(row), image_markers) for m, row in zip(conversations, per_row)]
         longest = max(map(len, rows))
         pad = self.tokenizer.pad_token_id

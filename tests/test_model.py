@@ -137,7 +137,7 @@ def test_text_only_answer_is_the_base_model(tiny_run):
     settings = GenerationSettings(max_new_tokens=8)
     routed = chat.answer(messages, None, settings)
     base = PhiClipForCausalLM.from_pretrained(tiny_run / "model", load_adapter=False)
-    ids = torch.tensor([chat.prompt_ids(messages, with_image=False)])
+    ids = torch.tensor([chat.prompt_ids(messages)])
     out = base.generate(input_ids=ids, **settings.kwargs())
     assert routed == chat.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     with torch.no_grad():
