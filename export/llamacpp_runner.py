@@ -14,7 +14,8 @@ environment does not need llama.cpp: :mod:`export.llamacpp` starts it as a subpr
 * ``tokens {"model", "mmproj", "messages"}``: the token ids and image slots ``MTMDChatHandler`` feeds llama.cpp.
 * ``complete {"model", "lora", "lora_scale", "messages", ...}``: one greedy chat answer without an mmproj,
   optionally with a LoRA adapter GGUF (the text-only route).
-* ``bench {...}``: prefill and decode tokens/s of one image question (benchmarks/gguf.py).
+* ``bench {"model", "mmproj", "image", "question", "history", "new_tokens", "threads", "repack"}``: prefill
+  and decode seconds of one chat with an image (benchmarks/gguf.py).
 
 ``repack`` false turns off llama.cpp's weight repacking into extra buffer types (``use_extra_bufts``,
 ``--no-repack`` in llama.cpp's tools): CPUs that advertise AMX but cannot run it crash with
@@ -207,35 +208,29 @@ def complete(args: dict) -> dict:
 
 
 def bench(args: dict) -> dict:
-    """Prefill and decode tokens/s of one chat (image + history) with ``new_tokens`` forced new tokens."""
-    import llama_cpp
+    """Seconds to the first new token (prefill, image included) and for the rest, of one chat with an image.
+
+    ``history``: earlier messages; the last user message asks ``question`` about ``image``. End of
+    turn is banned, so exactly ``new_tokens`` tokens are generated. The model is loaded (and one
+    warm-up token generated) before the timed run.
+    """
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     llm = _llama(args, MTMDChatHandler(clip_model_path=args["mmproj"], verbose=False, use_gpu=False))
-    messages = list(args["history"])
-    messages.append(_user_message(args["question"], args["image"]))
+    messages = [*args["history"], _user_message(args["question"], args["image"])]
     new_tokens = int(args["new_tokens"])
-    eos = llm.token_eos()
-    rounds = []
-    for _ in range(int(args.get("rounds", 3))):
-        llm.reset()
-        started = time.perf_counter()
-        stream = llm.create_chat_completion(
-            messages=messages, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=new_tokens, stream=True,
-            logit_bias={eos: -1e9},  # never stop early: every round decodes exactly new_tokens
-        )
-        first = None
-        count = 0
-        for part in stream:
-            if part["choices"][0]["delta"].get("content") is not None and first is None:
-                first = time.perf_counter()
+    ban = {llm.token_eos(): -1e9}
+    _greedy(llm, messages[-1:], 1)
+    started = time.perf_counter()
+    first = None
+    count = 0
+    for part in llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, repeat_penalty=1.0,
+                                           max_tokens=new_tokens, stream=True, logit_bias=ban):
+        if part["choices"][0]["delta"].get("content") is not None:
+            first = first or time.perf_counter()
             count += 1
-        done = time.perf_counter()
-        prompt_tokens = llm.n_tokens - new_tokens
-        rounds.append({"prefill_s": first - started, "decode_s": done - first, "prompt_tokens": prompt_tokens,
-                       "new_tokens": new_tokens})
-    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-    return {"rounds": rounds}
+    done = time.perf_counter()
+    return {"prefill_s": first - started, "decode_s": done - first, "streamed": count}
 
 
 COMMANDS = {"quantize": quantize, "embed": embed, "chat": chat, "tokens": tokens, "complete": complete,
