@@ -32,7 +32,8 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
 from serve.auth import ApiKeyMiddleware
-from serve.engine import Engine, Job, Result
+from chat.assistant import TokenLogprob
+from serve.engine import Engine, Event, Job, Result
 from serve.errors import ServeError, bad_request, too_large, unsupported
 from serve.inputs import Limits
 from serve.schema import ChatRequest, model_not_found, parse_chat, parse_json
@@ -169,6 +170,15 @@ async def _form(request: Request, body: bytes):
 
 
 # answering -------------------------------------------------------------------------------------
+def _logprobs(entries: list[TokenLogprob]) -> list[dict]:
+    """OpenAI's ``logprobs.content`` entries: token, logprob, UTF-8 bytes and the most likely alternatives."""
+
+    def one(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": max(logprob, -9999.0), "bytes": list(token.encode("utf-8"))}
+
+    return [one(e.token, e.logprob) | {"top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]
+
+
 def _completion(model: str, result: Result) -> dict:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -177,13 +187,20 @@ def _completion(model: str, result: Result) -> dict:
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
+                "index": i,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": None if choice.logprobs is None else {"content": _logprobs(choice.logprobs)},
+                "finish_reason": choice.finish_reason,
             }
+            for i, choice in enumerate(result.choices)
         ],
         "usage": _usage(result),
-        "phiclip": {"route": result.route, "draft": result.draft, "seconds": round(result.seconds, 3)},
+        "phiclip": {
+            "route": result.route,
+            "draft": result.draft,
+            "drafts": [c.draft for c in result.choices],
+            "seconds": round(result.seconds, 3),
+        },
     }
 
 
@@ -200,12 +217,12 @@ async def _stream(engine: Engine, req: ChatRequest) -> StreamingResponse:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
-    def emit(kind: str, text: str) -> None:
-        loop.call_soon_threadsafe(inbox.put_nowait, (kind, text))
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(inbox.put_nowait, event)
 
     def done(_: Future) -> None:
         try:
-            loop.call_soon_threadsafe(inbox.put_nowait, ("end", None))
+            loop.call_soon_threadsafe(inbox.put_nowait, None)
         except RuntimeError:  # the event loop is gone (shutdown)
             pass
 
@@ -218,7 +235,7 @@ async def _stream(engine: Engine, req: ChatRequest) -> StreamingResponse:
         job.cancelled.set()
         future.cancel()
         raise
-    if first[0] == "end":
+    if first is None:
         future.result()  # raises the request's ServeError, if any
     return StreamingResponse(
         _sse(req, job, future, first, inbox),
@@ -227,26 +244,25 @@ async def _stream(engine: Engine, req: ChatRequest) -> StreamingResponse:
     )
 
 
-async def _sse(req: ChatRequest, job: Job, future: Future, first: tuple, inbox: asyncio.Queue) -> AsyncIterator[str]:
+async def _sse(req: ChatRequest, job: Job, future: Future, first: Event | None, inbox: asyncio.Queue) -> AsyncIterator[str]:
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    logprobs = job.settings.logprobs
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra,
-        }
+    def chunk(index: int, delta: dict, finish: str | None = None, entries: list[TokenLogprob] | None = None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        if logprobs:
+            choice["logprobs"] = None if entries is None else {"content": _logprobs(entries)}
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                "choices": [choice]}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        for index in range(job.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
         event = first
-        while event[0] != "end":
-            if event[0] == "delta":
-                yield chunk({"content": event[1]})
+        while event is not None:
+            if event.kind == "delta":
+                yield chunk(event.index, {"content": event.text}, entries=event.logprobs)
             event = await inbox.get()
         try:
             result = future.result()
@@ -256,7 +272,8 @@ async def _sse(req: ChatRequest, job: Job, future: Future, first: tuple, inbox: 
             log.exception("generation failed")
             yield f"data: {json.dumps(ServeError('internal error while generating', 500, 'server_error').body())}\n\n"
         else:
-            yield chunk({}, result.finish_reason)
+            for index, choice in enumerate(result.choices):
+                yield chunk(index, {}, choice.finish_reason)
             if req.include_usage:
                 body = {
                     "id": cid,

@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_audio_seconds,
         help="longest recording accepted (default %(default)s)",
     )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=d.max_images,
+        help="images one conversation may carry; more get a 400 (default %(default)s)",
+    )
     p.add_argument("--no-ui", action="store_true", help="API only, no web UI")
     p.add_argument(
         "--api-key",
@@ -87,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         language=args.language,
         max_upload_mb=args.max_upload_mb,
         max_audio_seconds=args.max_audio_seconds,
+        max_images=args.max_images,
         ui=not args.no_ui,
         device=args.device,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -108,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name, value in (("--concurrency", args.concurrency), ("--max-queue", args.max_queue)):
+    for name, value in (
+        ("--concurrency", args.concurrency),
+        ("--max-queue", args.max_queue),
+        ("--max-images", args.max_images),
+    ):
         if value < 1:
             print(f"error: {name} must be at least 1", file=sys.stderr)
             return 2

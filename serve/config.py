@@ -22,10 +22,13 @@ class ServeConfig:
     language: str = "en"
     max_upload_mb: float = 20.0
     max_audio_seconds: float = 600.0
+    max_images: int = 8  # per conversation
     ui: bool = True
     device: str | None = None  # None: CUDA if available, else CPU
     api_key: str | None = None  # None: no key asked (right on loopback only)
 
     @property
     def limits(self) -> Limits:
-        return Limits.from_mb(self.max_upload_mb, max_audio_seconds=self.max_audio_seconds)
+        return Limits.from_mb(
+            self.max_upload_mb, max_audio_seconds=self.max_audio_seconds, max_images=self.max_images
+        )

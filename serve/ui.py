@@ -72,10 +72,16 @@ def build_ui(
             question = join_question(text, transcript)
             if not question:
                 raise bad_request("the question is empty: type or record a question")
-            job = Job(
-                messages=[*messages, {"role": "user", "content": question}],
-                image=picture,
-                settings=GenerationSettings(int(max_new), float(temperature), float(top_p), float(penalty)),
+            turn = [{"type": "image"}, {"type": "text", "text": question}] if picture is not None else question
+            job = Job(  # the history is text: an image is asked about in the turn it comes with
+                messages=[*messages, {"role": "user", "content": turn}],
+                images=[picture] if picture is not None else [],
+                settings=GenerationSettings(
+                    max_new_tokens=int(max_new),
+                    temperature=float(temperature),
+                    top_p=float(top_p),
+                    repetition_penalty=float(penalty),
+                ),
                 refine=bool(refine),
                 post=PostOptions(clean=bool(clean), drop_punctuation=bool(punctuation)),
             )
@@ -83,19 +89,19 @@ def build_ui(
             display = [*display, {"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
             yield display, keep, keep, transcript, "Waiting for the model ...", keep, keep
             answer, draft, result = "", "", None
-            for kind, piece in engine.events(job):
-                if kind == "draft":
-                    draft += piece
-                    display[-1] = {"role": "assistant", "content": f"*draft:* {draft}"}
-                elif kind == "delta":
-                    answer += piece
-                    display[-1] = {"role": "assistant", "content": answer}
-                elif kind == "result":
-                    result = piece
+            for event in engine.events(job):
+                if isinstance(event, Result):
+                    result = event
                     continue
+                if event.kind == "draft":
+                    draft += event.text
+                    display[-1] = {"role": "assistant", "content": f"*draft:* {draft}"}
+                else:
+                    answer += event.text
+                    display[-1] = {"role": "assistant", "content": answer}
                 yield display, keep, keep, keep, "Answering ...", keep, keep
             display[-1] = {"role": "assistant", "content": answer}
-            messages = [*job.messages, {"role": "assistant", "content": answer}]
+            messages = [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             yield display, messages, display, transcript, _done(result), "", None
         except ServeError as err:
             yield keep, keep, keep, keep, f"⚠️ {err.message}", keep, keep

@@ -27,6 +27,7 @@ from serve.postprocess import clean
 from serve.server import build_app, load_engine, load_transcriber
 
 MAX_UPLOAD_MB = 2.0
+MAX_IMAGES = 3
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +55,11 @@ def _has_whisper() -> bool:
 @pytest.fixture(scope="module")
 def server(serve_run):
     config = ServeConfig(
-        max_upload_mb=MAX_UPLOAD_MB, max_queue=8, ui=False, whisper_model="bundled" if _has_whisper() else None
+        max_upload_mb=MAX_UPLOAD_MB,
+        max_queue=8,
+        max_images=MAX_IMAGES,
+        ui=False,
+        whisper_model="bundled" if _has_whisper() else None,
     )
     engine = load_engine(serve_run, config)
     app = build_app(engine, load_transcriber(config), config)
@@ -141,7 +146,7 @@ def test_text_question_uses_the_base_lm_with_the_adapter_disabled(client, refere
 def torch_ids(chat_: VisionChat, messages):
     import torch
 
-    ids = torch.tensor([chat_.prompt_ids(messages, with_image=False)])
+    ids = torch.tensor([chat_.prompt_ids(messages)])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -289,7 +294,7 @@ BAD_CHAT = [
         400,
         "temperature must be between",
     ),
-    ("n > 1", {"model": "phiclip", "messages": [USER], "n": 2}, 400, "only n=1"),
+    ("n too large", {"model": "phiclip", "messages": [USER], "n": 9}, 400, "n must be between 1 and 8"),
     (
         "not an image",
         {"model": "phiclip", "messages": [image_message("What?", b"hello, I am text")]},
@@ -306,7 +311,7 @@ BAD_CHAT = [
         "huge pixel dimensions",
         {"model": "phiclip", "messages": [image_message("What?", huge_png())]},
         413,
-        "too many pixels",
+        "decompression bomb",
     ),
     (
         "remote image URL",
@@ -343,13 +348,14 @@ BAD_CHAT = [
         "not valid base64",
     ),
     (
-        "two images",
+        "more images than --max-images",
         {
             "model": "phiclip",
-            "messages": [image_message("A?"), {"role": "assistant", "content": "x"}, image_message("B?", png_bytes(1))],
+            "messages": [image_message("A?"), {"role": "assistant", "content": "x"}]
+            + [image_message(f"{i}?", png_bytes(i)) for i in range(MAX_IMAGES)],
         },
         400,
-        "one image per conversation",
+        f"at most {MAX_IMAGES} per conversation (--max-images); messages[{MAX_IMAGES + 1}].content[1] is one more",
     ),
     (
         "prompt longer than the context",

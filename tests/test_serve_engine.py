@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from chat.assistant import Completion, GenerationSettings, Stream
+from chat.assistant import Completion, GenerationSettings
 from serve.engine import Engine, Job
 from serve.errors import ServeError
 
@@ -16,7 +16,7 @@ WORDS = [(10, " antidisestablishment"), (11, "arian"), (12, "ism")]
 
 
 class ScriptedChat:
-    """Stands in for a VisionChat: "generates" a fixed list of (token id, text piece) pairs."""
+    """Stands in for a VisionChat: "generates" a fixed list of (token id, text piece) pairs for every row."""
 
     context_length = 512
 
@@ -25,22 +25,22 @@ class ScriptedChat:
         self.finish = finish
         self.gate = gate
 
-    def prompt_length(self, messages, with_image: bool) -> int:
+    def prompt_length(self, messages, n_images: int = 0) -> int:
         return 4
 
-    def stream(self, messages, image=None, settings=None) -> Stream:
-        def pieces():
-            if self.gate is not None:
-                self.gate.wait(10)
+    def complete(self, conversations, images, settings=None, *, sinks=None, cancelled=None) -> list[Completion]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        out = []
+        for row in range(len(conversations)):
             for token, piece in self.script:
                 if token < 0:
                     raise RuntimeError("the model broke")
-                yield piece
+                if sinks and sinks[row]:
+                    sinks[row](piece, [])
             ids = [token for token, _ in self.script]
-            stream.completion = Completion("".join(p for _, p in self.script), ids, self.finish)
-
-        stream = Stream(pieces())
-        return stream
+            out.append(Completion("".join(p for _, p in self.script), ids, self.finish))
+        return out
 
 
 @pytest.mark.parametrize("finish", ["stop", "length"])
