@@ -1,15 +1,22 @@
-"""Load test for ``phiclip serve``: N concurrent clients on loopback, bounded in count and time.
+"""Load test for ``phiclip serve``: N concurrent clients on loopback, batching off and on, in one run.
 
-Starts the server as a child process on 127.0.0.1 (never another address), warms it up,
-then runs ``--clients`` clients that each send ``--requests`` chat requests (a mix of
-image and text questions, some streamed). Prints throughput, p50/p99 latency, the error
-count and the server's resident memory before and after. Exit status 1 when any request
-failed or memory grew by ``--max-rss-growth`` or more after warm-up.
+Starts the server as a child process on 127.0.0.1 (never another address), once with dynamic
+batching off (``--max-batch 1``: one request per generate() call) and once on
+(``--max-batch N``), alternating for ``--rounds`` rounds. Each time it warms the server up,
+then runs ``--clients`` clients that each send ``--requests`` chat requests (a mix of image and
+text questions, some streamed). Prints, for both, throughput, p50/p99 latency, the error count
+and the server's resident memory before and after, and ends with ``batching speedup: <ratio>x``
+(requests/s on / off). Exit status 1 when any request failed, memory grew by
+``--max-rss-growth`` or more after warm-up, or (with ``--min-speedup``) batching was slower
+than that ratio or did not lower the median latency.
 
-    python benchmarks/serve_load.py                       # a tiny run built on the fly
-    python benchmarks/serve_load.py --run "$PHICLIP_DEMO_RUN" --max-tokens 8
+    python benchmarks/serve_load.py --clients 4 --requests 3 --warmup 4      # a tiny run, quick
+    python benchmarks/serve_load.py --run runs/demo --clients 16 --requests 20 --max-tokens 16 \
+        --stream-every 3 --min-speedup 3                                      # the batching floor
 
-The floor this project holds itself to: 16 clients x 200 requests, 0 errors, RSS growth < 10%.
+The floors this project holds itself to: 16 clients x 200 requests, 0 errors, RSS growth < 10%;
+batching at least 3x the throughput of one-at-a-time at 16 clients on the demo model, with a
+lower p50 latency.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=64, help="requests sent before the memory baseline")
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=1, help="server --concurrency (model copies)")
+    p.add_argument("--max-batch", type=int, default=8, help="server --max-batch when batching is on")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="server --batch-wait-ms when batching is on")
+    p.add_argument("--rounds", type=int, default=1, help="off/on rounds, alternated (the spread is over rounds)")
+    p.add_argument("--min-speedup", type=float, default=0.0, help="fail below this batching speedup (0: report)")
     p.add_argument("--stream-every", type=int, default=4, help="every Nth request streams (0: none)")
     p.add_argument("--time-limit", type=float, default=900, help="seconds for the whole load phase")
     p.add_argument("--request-timeout", type=float, default=120)
@@ -55,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (1 <= args.clients <= 256 and 1 <= args.requests <= 10_000):
         p.error("--clients must be 1..256 and --requests 1..10000")
+    if args.max_batch < 2 or args.rounds < 1:
+        p.error("--max-batch must be at least 2 (1 is the 'off' run) and --rounds at least 1")
     return args
 
 
@@ -72,7 +85,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, port: int, args) -> subprocess.Popen:
+def start_server(run: Path, port: int, args, max_batch: int) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -86,10 +99,16 @@ def start_server(run: Path, port: int, args) -> subprocess.Popen:
         str(args.concurrency),
         "--max-queue",
         str(max(64, args.clients * 2)),
+        "--max-batch",
+        str(max_batch),
+        "--batch-wait-ms",
+        str(args.batch_wait_ms),
+        "--whisper-model",
+        "none",
     ]
     if args.no_ui:
         cmd.append("--no-ui")
-    log = open(Path(tempfile.gettempdir()) / f"phiclip-serve-load-{port}.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"phiclip-serve-load-{port}-batch{max_batch}.log", "w")
     print(f"server log: {log.name}", flush=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -188,13 +207,11 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    workdir = tempfile.TemporaryDirectory(prefix="phiclip-load-")
-    run = Path(args.run) if args.run else tiny_run(Path(workdir.name))
+def one_load(run: Path, args, max_batch: int) -> dict:
+    """Start a server with ``--max-batch max_batch``, warm it up, load it, stop it; its figures."""
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
-    proc = start_server(run, port, args)
+    proc = start_server(run, port, args, max_batch)
     try:
         wait_healthy(url, proc)
         rss_start = rss_mb(proc.pid)
@@ -218,38 +235,81 @@ def main(argv=None) -> int:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "completed": len(latencies),
+        "errors": errors,
+        "skipped": skipped,
+        "elapsed": elapsed,
+        "throughput": len(latencies) / elapsed,
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "rss": (rss_start, rss_warm, rss_end),
+        "growth": (rss_end - rss_warm) / rss_warm,
+        "served": health.get("served"),
+    }
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """The mean, with min..max when there are several rounds."""
+    mean = sum(values) / len(values)
+    return fmt.format(mean) + (f" ({fmt.format(min(values))}..{fmt.format(max(values))})" if len(values) > 1 else "")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workdir = tempfile.TemporaryDirectory(prefix="phiclip-load-")
+    run = Path(args.run) if args.run else tiny_run(Path(workdir.name))
+    modes = {"off": 1, "on": args.max_batch}
+    results: dict[str, list[dict]] = {"off": [], "on": []}
+    try:
+        for r in range(args.rounds):
+            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                print(f"round {r + 1}/{args.rounds}: batching {mode} (--max-batch {modes[mode]})", flush=True)
+                results[mode].append(one_load(run, args, modes[mode]))
+    finally:
         workdir.cleanup()
 
-    total = len(latencies)
-    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    growth = (rss_end - rss_warm) / rss_warm
-    rows = [
-        ("run", str(run) if args.run else "tiny run (built for this benchmark)"),
-        (
-            "clients x requests",
-            f"{args.clients} x {args.requests} (max_tokens {args.max_tokens}, server concurrency {args.concurrency})",
-        ),
-        ("completed", f"{total}" + (f" ({skipped} skipped: time limit)" if skipped else "")),
-        ("errors", f"{len(errors)}"),
-        ("wall time", f"{elapsed:.1f} s"),
-        ("throughput", f"{total / elapsed:.1f} req/s"),
-        ("latency p50", f"{np.percentile(lat, 50):.0f} ms"),
-        ("latency p99", f"{np.percentile(lat, 99):.0f} ms"),
-        ("server RSS at start", f"{rss_start:.0f} MiB"),
-        ("server RSS after warm-up", f"{rss_warm:.0f} MiB"),
-        ("server RSS after load", f"{rss_end:.0f} MiB ({growth:+.1%} since warm-up)"),
-        ("served (server count)", f"{health.get('served')}"),
-    ]
-    width = max(len(k) for k, _ in rows)
+    def column(mode: str) -> list[str]:
+        rs = results[mode]
+        return [
+            f"{sum(x['completed'] for x in rs)}" + (f" ({sum(x['skipped'] for x in rs)} skipped)" if any(x["skipped"] for x in rs) else ""),
+            f"{sum(len(x['errors']) for x in rs)}",
+            spread([x["elapsed"] for x in rs], "{:.1f} s"),
+            spread([x["throughput"] for x in rs], "{:.2f} req/s"),
+            spread([x["p50"] for x in rs], "{:.0f} ms"),
+            spread([x["p99"] for x in rs], "{:.0f} ms"),
+            spread([x["rss"][0] for x in rs], "{:.0f} MiB"),
+            spread([x["rss"][1] for x in rs], "{:.0f} MiB"),
+            spread([x["growth"] * 100 for x in rs], "{:+.1f}%"),
+            f"{sum(x['served'] or 0 for x in rs)}",
+        ]
+
+    names = ["completed", "errors", "wall time", "throughput", "latency p50", "latency p99",
+             "server RSS at start", "server RSS after warm-up", "RSS growth under load", "served (server count)"]
+    off, on = column("off"), column("on")
     print()
-    print(f"| {'metric'.ljust(width)} | value |")
-    print(f"|{'-' * (width + 2)}|-------|")
-    for k, v in rows:
-        print(f"| {k.ljust(width)} | {v} |")
+    print(f"run: {args.run or 'tiny run (built for this benchmark)'}; {args.clients} clients x {args.requests} requests, "
+          f"max_tokens {args.max_tokens}, every {args.stream_every or 'no'}th streamed, {args.rounds} round(s), "
+          f"server concurrency {args.concurrency}, batch wait {args.batch_wait_ms:g} ms")
+    head = ["metric", "batching off (--max-batch 1)", f"batching on (--max-batch {args.max_batch})"]
+    widths = [max(len(head[0]), *map(len, names)), max(len(head[1]), *map(len, off)), max(len(head[2]), *map(len, on))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in zip(names, off, on):
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+    errors = [e for mode in results.values() for x in mode for e in x["errors"]]
     for e in sorted(set(errors))[:10]:
         print(f"  error: {e} (x{errors.count(e)})")
-    ok = not errors and not skipped and growth < args.max_rss_growth
-    print("\nPASS" if ok else "\nFAIL", flush=True)
+    mean = {m: sum(x["throughput"] for x in results[m]) / len(results[m]) for m in results}
+    p50 = {m: sum(x["p50"] for x in results[m]) / len(results[m]) for m in results}
+    speedup = mean["on"] / mean["off"]
+    ok = not errors and not any(x["skipped"] for m in results.values() for x in m)
+    ok = ok and all(x["growth"] < args.max_rss_growth for m in results.values() for x in m)
+    if args.min_speedup:
+        ok = ok and speedup >= args.min_speedup and p50["on"] < p50["off"]
+    print("\nPASS" if ok else "\nFAIL")
+    print(f"batching speedup: {speedup:.2f}x", flush=True)
     return 0 if ok else 1
 
 

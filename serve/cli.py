@@ -41,6 +41,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_queue,
         help="requests allowed to wait; more get 'server busy' (default %(default)s)",
     )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help="requests (rows) answered together in one generate() call; 1 turns batching off (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=d.batch_wait_ms,
+        help="how long a free model copy waits for more requests to batch with the first (default %(default)s)",
+    )
     p.add_argument("--model-name", default=d.model_name, help="model id clients send in the API (default %(default)s)")
     p.add_argument(
         "--whisper-model",
@@ -87,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
         model_name=args.model_name,
         whisper_model=whisper,
         whisper_compute_type=args.whisper_compute_type,
@@ -119,10 +133,14 @@ def run(args: argparse.Namespace) -> int:
         ("--concurrency", args.concurrency),
         ("--max-queue", args.max_queue),
         ("--max-images", args.max_images),
+        ("--max-batch", args.max_batch),
     ):
         if value < 1:
             print(f"error: {name} must be at least 1", file=sys.stderr)
             return 2
+    if args.batch_wait_ms < 0:
+        print("error: --batch-wait-ms must be 0 or more", file=sys.stderr)
+        return 2
     if args.max_upload_mb <= 0 or args.max_audio_seconds <= 0:
         print("error: --max-upload-mb and --max-audio-seconds must be positive", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ class ServeConfig:
     port: int = 7860
     concurrency: int = 1  # loaded copies of the model = answers generated at the same time
     max_queue: int = 64  # requests allowed to wait for a free copy
+    max_batch: int = 8  # rows answered in one generate() call (1: one request at a time)
+    batch_wait_ms: float = 10.0  # how long a free copy waits for more requests to batch
     model_name: str = "phiclip"
     whisper_model: str | None = BUNDLED  # None: no speech input
     whisper_compute_type: str = "int8"

@@ -30,7 +30,13 @@ def load_engine(run_dir: str | Path, config: ServeConfig) -> Engine:
     for i in range(config.concurrency):
         log.info("loading %s (copy %d of %d)", run_dir, i + 1, config.concurrency)
         chats.append(VisionChat.load(run_dir, device=device))
-    return Engine(chats, max_queue=config.max_queue, model_name=config.model_name)
+    return Engine(
+        chats,
+        max_queue=config.max_queue,
+        model_name=config.model_name,
+        max_batch=config.max_batch,
+        batch_wait_ms=config.batch_wait_ms,
+    )
 
 
 def load_transcriber(config: ServeConfig) -> Transcriber | None:

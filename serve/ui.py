@@ -165,7 +165,7 @@ def build_ui(
                 inputs,
                 outputs,
                 preprocess=False,
-                concurrency_limit=engine.concurrency,
+                concurrency_limit=engine.concurrency * engine.max_batch,  # the engine batches them
                 concurrency_id="generate",
                 show_progress="minimal",
                 api_visibility="private",

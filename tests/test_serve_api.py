@@ -522,7 +522,7 @@ def test_requests_queue_and_a_full_queue_is_refused(server, serve_run, reference
         t.join(120)
     assert codes == [200] * 6
     # An engine with room for one waiting request refuses the third of three long jobs.
-    engine = Engine([reference], max_queue=1)
+    engine = Engine([reference], max_queue=1, max_batch=1)  # one job per call: the others wait
     long = GenerationSettings(max_new_tokens=300)
     futures, refused = [], []
     for _ in range(3):

@@ -59,7 +59,7 @@ def outcomes(engine: Engine) -> dict[str, int]:
 
 def test_only_answered_jobs_count_as_served():
     gate = threading.Event()
-    engine = Engine([ScriptedChat(WORDS, gate=gate)], max_queue=8)
+    engine = Engine([ScriptedChat(WORDS, gate=gate)], max_queue=8, max_batch=1)  # one job per call
     first = engine.submit(Job(HI))  # holds the only worker until the gate opens
     left = Job(HI)
     waiting = engine.submit(left)
