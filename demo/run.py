@@ -18,7 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from train.config import load_config
-from demo.shapes import make_shapes_dataset
+from demo.shapes import COLORS, make_shapes_dataset
 from evaluation.evaluate import evaluate_run
 from evaluation.report import write_report
 from chat.assistant import GenerationSettings, VisionChat
@@ -28,8 +28,10 @@ from train.rundir import MODEL_DIR
 from train.push import answered_card, example_questions
 from train.run import train
 
-N_TRAIN_IMAGES = 720  # 90 steps of 8 packed conversations: ~9 minutes on 2 CPU cores
+N_TRAIN_IMAGES = 720  # each with its four questions packed in one conversation
 N_EVAL_IMAGES = 60  # x 4 question types = 240 held-out questions
+N_TRAIN_PAIRS = 180  # two-image questions ("which color comes first, which second?") over training images
+N_EVAL_PAIRS = 60  # held-out two-image questions over eval images
 SEED = 0
 TEXT_QUESTION = "What is the capital of France?"
 DEMO_REPO = "phiclip/smollm2-shapes-demo"  # the card's links; `phiclip push` writes them for the real repo
@@ -54,8 +56,9 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
     print(offline.resolve(f"{offline.PREFIX}{offline.SMOLLM2}"))
 
     _step("data: synthetic shapes (LLaVA JSON + PNG)")
-    data = make_shapes_dataset(offline.cache_dir() / "shapes-data", N_TRAIN_IMAGES, N_EVAL_IMAGES, seed=SEED)
-    print(f"train: {data.train_json}\neval:  {data.eval_json}")
+    data = make_shapes_dataset(offline.cache_dir() / "shapes-data", N_TRAIN_IMAGES, N_EVAL_IMAGES, seed=SEED,
+                               n_train_pairs=N_TRAIN_PAIRS, n_eval_pairs=N_EVAL_PAIRS)
+    print(f"train: {data.train_json}\neval:  {data.eval_json}\ntwo-image eval: {data.eval_pairs_json}")
 
     _step("vision tower: small CLIP pretrained on shapes")
     tower = offline.resolve(f"{offline.PREFIX}{offline.SHAPES_TOWER}")
@@ -78,9 +81,16 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
     write_report(result, out, run_dir=out)
     metrics = dict(result.metrics)
     metrics["tower_probe"] = probe["accuracy"]
+    pairs = evaluate_run(chat, data.eval_pairs_json, data.images_dir, metric="exact", batch_size=16,
+                         max_new_tokens=24, progress=False)
+    metrics["two_image"] = {"data": str(data.eval_pairs_json), "n": pairs.metrics["n"],
+                            "exact_match": pairs.metrics["exact_match"],
+                            "chance": 1 / len(COLORS) ** 2}
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))
     print(f"exact match {metrics['exact_match']:.3f} on {metrics['n']} questions; by type: "
           + ", ".join(f"{k} {v:.3f}" for k, v in metrics["by_type"].items()))
+    print(f"two-image questions: exact match {pairs.metrics['exact_match']:.3f} on {pairs.metrics['n']} "
+          f"(chance {1 / len(COLORS) ** 2:.3f})")
     print(f"report: {out / 'report.html'}")
 
     _step("answers")

@@ -11,7 +11,10 @@ data:
 * ``train.json``: one record per train image, all four question types packed
   as one multi-turn conversation in a seeded random order;
 * ``eval.json``: one single-turn record per (eval image, question type), with
-  an extra ``"question_type"`` field.
+  an extra ``"question_type"`` field;
+* two-image records (LLaVA-OneVision's layout: ``"image": [a, b]`` and one
+  ``<image>`` per image) asking which color each picture shows: some in
+  ``train.json``, the held-out ones in ``eval_pairs.json`` (eval images only).
 
 Scenes are size independent (positions and sizes are fractions of the image
 side), so :func:`render_scene` can draw the same scene at any resolution. The
@@ -45,7 +48,9 @@ __all__ = [
     "SIDES",
     "ShapeScene",
     "ShapesDataset",
+    "PAIR_QUESTIONS",
     "answer_for",
+    "pair_answer",
     "make_shapes_dataset",
     "question_for",
     "render_scene",
@@ -127,7 +132,15 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 """Question paraphrases per question type."""
 
-RENDER_VERSION = 2
+PAIR_QUESTIONS: tuple[str, ...] = (
+    "Compare the two pictures: which color comes first, which second?",
+    "Name the color of the first picture and of the second picture.",
+    "Which colors do the two pictures show, in order?",
+    "Look at both pictures. What color is in each, first then second?",
+)
+"""Paraphrases of the two-image question (worded apart from the one-image color questions)."""
+
+RENDER_VERSION = 3
 """Bumped whenever sampling/rendering/text changes, so cached datasets and towers are rebuilt."""
 
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled (anti-aliasing)
@@ -168,6 +181,7 @@ class ShapesDataset:
     images_dir: Path
     train_json: Path
     eval_json: Path
+    eval_pairs_json: Path
 
 
 def _place(rng: np.random.Generator, count: int, side: str) -> tuple[list[tuple[float, float]], list[float]]:
@@ -297,6 +311,32 @@ def answer_for(scene: ShapeScene, question_type: str) -> str:
     raise ValueError(f"unknown question type {question_type!r}")
 
 
+def pair_answer(first: ShapeScene, second: ShapeScene) -> str:
+    """Answer to the two-image question: the first picture's color, then the second's."""
+    return f"First {first.color}, second {second.color}."
+
+
+def _pair_records(split: str, names: list[str], scenes: list[ShapeScene], n: int,
+                  rng: np.random.Generator) -> list[dict[str, Any]]:
+    """``n`` two-image records over this split's images; one in three pairs share their color."""
+    records = []
+    for i in range(n):
+        a = int(rng.integers(len(names)))
+        same = [j for j in range(len(names)) if j != a and scenes[j].color == scenes[a].color]
+        others = [j for j in range(len(names)) if scenes[j].color != scenes[a].color]
+        pool = same if same and rng.random() < 1 / 3 else others
+        b = int(pool[int(rng.integers(len(pool)))])
+        question = PAIR_QUESTIONS[int(rng.integers(len(PAIR_QUESTIONS)))]
+        records.append({
+            "id": f"shapes-pair-{split}-{i:06d}",
+            "image": [names[a], names[b]],
+            "question_type": "two-image color",
+            "conversations": [{"from": "human", "value": f"<image>\n<image>\n{question}"},
+                              {"from": "gpt", "value": pair_answer(scenes[a], scenes[b])}],
+        })
+    return records
+
+
 def _with_image(question: str, rng: np.random.Generator) -> str:
     """Attach the ``<image>`` token: at the start for ~80% of records, else at the end."""
     return f"{question}\n<image>" if rng.random() < 0.2 else f"<image>\n{question}"
@@ -322,6 +362,7 @@ def _is_complete(root: Path, params: dict[str, Any]) -> bool:
     return (
         (root / "train.json").is_file()
         and (root / "eval.json").is_file()
+        and (root / "eval_pairs.json").is_file()
         and all((images / n).is_file() for n in names)
     )
 
@@ -332,23 +373,29 @@ def make_shapes_dataset(
     n_eval_images: int,
     seed: int = 0,
     image_size: int = 64,
+    n_train_pairs: int = 0,
+    n_eval_pairs: int = 0,
 ) -> ShapesDataset:
     """Write (or reuse) the shapes dataset under ``root``.
 
     Creates ``root/images/{train,eval}-NNNNNN.png``, ``root/train.json``
-    (one multi-turn record per train image), ``root/eval.json`` (one
-    single-turn record per eval image and question type) and
-    ``root/manifest.json``. If the manifest matches the parameters and all
+    (one multi-turn record per train image, then ``n_train_pairs`` two-image
+    records), ``root/eval.json`` (one single-turn record per eval image and
+    question type), ``root/eval_pairs.json`` (``n_eval_pairs`` two-image
+    records over eval images) and ``root/manifest.json``. If the manifest matches the parameters and all
     files exist, nothing is regenerated. Train and eval images come from
     separate random streams derived from ``seed``.
     """
     root = Path(root)
     images = root / "images"
-    ds = ShapesDataset(root=root, images_dir=images, train_json=root / "train.json", eval_json=root / "eval.json")
+    ds = ShapesDataset(root=root, images_dir=images, train_json=root / "train.json", eval_json=root / "eval.json",
+                       eval_pairs_json=root / "eval_pairs.json")
     params = {
         "version": RENDER_VERSION,
         "n_train_images": int(n_train_images),
         "n_eval_images": int(n_eval_images),
+        "n_train_pairs": int(n_train_pairs),
+        "n_eval_pairs": int(n_eval_pairs),
         "seed": int(seed),
         "image_size": int(image_size),
     }
@@ -360,6 +407,7 @@ def make_shapes_dataset(
 
     train_records: list[dict[str, Any]] = []
     eval_records: list[dict[str, Any]] = []
+    drawn: dict[str, tuple[list[str], list[ShapeScene]]] = {"train": ([], []), "eval": ([], [])}
     streams = {
         "train": (np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2]), n_train_images),
         "eval": (np.random.default_rng([seed, 3]), np.random.default_rng([seed, 4]), n_eval_images),
@@ -370,6 +418,8 @@ def make_shapes_dataset(
                 scene = sample_scene(scene_rng)
                 name = f"{split}-{i:06d}.png"
                 render_scene(scene, image_size).save(images / name)
+                drawn[split][0].append(name)
+                drawn[split][1].append(scene)
                 if split == "train":
                     order = [QUESTION_TYPES[j] for j in text_rng.permutation(len(QUESTION_TYPES))]
                     conv: list[dict[str, str]] = []
@@ -394,7 +444,10 @@ def make_shapes_dataset(
                         )
                 bar.update(1)
 
+    train_records += _pair_records("train", *drawn["train"], n_train_pairs, np.random.default_rng([seed, 5]))
+    eval_pairs = _pair_records("eval", *drawn["eval"], n_eval_pairs, np.random.default_rng([seed, 6]))
     _write_json(ds.train_json, train_records)
     _write_json(ds.eval_json, eval_records)
+    _write_json(ds.eval_pairs_json, eval_pairs)
     _write_json(root / "manifest.json", params)
     return ds

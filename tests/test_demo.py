@@ -36,6 +36,13 @@ def test_held_out_floors(metrics):
     assert set(metrics["by_type"]) == {"color", "shape", "count", "side"}
 
 
+def test_two_image_task_well_above_chance(metrics):
+    """Two pictures in one question ("which color comes first, which second?"): 36 possible answers."""
+    pairs = metrics["two_image"]
+    assert pairs["n"] == 60 and pairs["chance"] < 0.03
+    assert pairs["exact_match"] >= 0.5
+
+
 def test_eval_questions_and_images_never_trained(metrics):
     cfg = load_config(DEMO / "config.yaml")
     train, _ = read_records(cfg.data.train)

@@ -221,3 +221,28 @@ def test_reuse_does_not_rewrite(tmp_path: Path) -> None:
     (ds.images_dir / "train-000001.png").unlink()
     make_shapes_dataset(root, 6, 2, seed=0)
     assert (ds.images_dir / "train-000001.png").is_file()
+
+
+def test_two_image_records(tmp_path: Path) -> None:
+    """Pair records: LLaVA-OneVision layout, answers from the two rendered scenes, eval pairs on eval images only."""
+    from demo.shapes import PAIR_QUESTIONS, pair_answer
+
+    ds = make_shapes_dataset(tmp_path / "pairs", 12, 6, seed=1, n_train_pairs=9, n_eval_pairs=5)
+    train = json.loads(ds.train_json.read_text())
+    pairs = [r for r in train if isinstance(r["image"], list)]
+    held_out = json.loads(ds.eval_pairs_json.read_text())
+    assert len(train) == 12 + 9 and len(pairs) == 9 and len(held_out) == 5
+    scenes = {f"train-{i:06d}.png": sample_scene(rng) for rng in [np.random.default_rng([1, 1])] for i in range(12)}
+    scenes |= {f"eval-{i:06d}.png": sample_scene(rng) for rng in [np.random.default_rng([1, 3])] for i in range(6)}
+    for rec in pairs + held_out:
+        first, second = rec["image"]
+        split = "eval" if rec in held_out else "train"
+        assert first.startswith(split) and second.startswith(split) and first != second
+        human, gpt = rec["conversations"]
+        assert human["value"].count("<image>") == 2
+        assert human["value"].replace("<image>\n", "") in PAIR_QUESTIONS
+        assert gpt["value"] == pair_answer(scenes[first], scenes[second])
+    from train.records import read_records
+
+    records, report = read_records(ds.eval_pairs_json)
+    assert not report.problems and all(len(r.images) == 2 for r in records)
