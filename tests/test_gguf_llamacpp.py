@@ -280,6 +280,30 @@ def test_text_only_route_base_lm_and_adapter(clip_export, tiny_run):
     assert base.strip() != merged.strip()  # the adapter changes the answer, so the two checks above mean something
 
 
+@pytest.fixture(scope="module")
+def smollm2_export(tmp_path_factory) -> tuple[Path, Path]:
+    """A PhiClip on the real SmolLM2-135M-Instruct (offline copy) trained one step, exported with its text-only route."""
+    from tiny_models import build_tiny_run, save_tiny_clip
+
+    from demo.offline import SMOLLM2, resolve
+
+    root = tmp_path_factory.mktemp("smollm2")
+    run = build_tiny_run(root, resolve(f"offline:{SMOLLM2}"), save_tiny_clip(root / "clip"), steps=1)
+    return run, export_gguf(run, root / "gguf", name="smol")
+
+
+def test_text_only_route_names_paris_with_a_real_lm(smollm2_export):
+    from chat.assistant import GenerationSettings, VisionChat
+
+    run, folder = smollm2_export
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ours = VisionChat.load(run).answer(question, None, GenerationSettings(max_new_tokens=32))
+    base = LLAMA.runner("complete", {"model": str(folder / "text-only/smol-base-f16.gguf"), "messages": question,
+                                     "max_tokens": 32, "threads": 2})["answer"]
+    assert "Paris" in base
+    assert base.strip() == ours.strip()
+
+
 # ---- the trained demo ----------------------------------------------------------------------------
 
 
