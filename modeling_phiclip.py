@@ -300,6 +300,8 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         Logits (and the loss) are over the spliced sequence: each ``<image>`` position becomes
         ``image_token_count()`` positions, and rows keep their padding side (left or right).
         """
+        if pixel_values is not None and pixel_values.shape[0] == 0:  # text-only rows from the processor
+            pixel_values = None
         has_images = pixel_values is not None or (
             input_ids is not None and bool((input_ids == self.config.image_token_id).any())
         )
@@ -446,6 +448,8 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         if gen.stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: generate(..., tokenizer=processor.tokenizer)")
 
+        if pixel_values is not None and pixel_values.shape[0] == 0:  # text-only rows from the processor
+            pixel_values = None
         has_image = ((input_ids == self.config.image_token_id) & attention_mask.bool()).any(1)
         routes = [has_image.nonzero().squeeze(1), (~has_image).nonzero().squeeze(1)]
         base_lm_for_text = self.config.text_only_base_lm and self.has_adapter

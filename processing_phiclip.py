@@ -587,6 +587,9 @@ class PhiClipProcessor(ProcessorMixin):
                             images.append(_part_source(part))
         batch = self._batch(rows, images, kwargs.get("return_tensors"), kwargs.get("padding", True) or True,
                             kwargs.get("padding_side", "left"))
+        if not images and kwargs.get("return_tensors") == "pt":
+            # An empty (0, 3, H, W) batch of images: a pipeline can then batch text-only chats with image chats.
+            batch["pixel_values"] = self.image_pixels([Image.new("RGB", (1, 1))])[:0]
         if kwargs.get("return_dict", False):
             return batch
         return batch["input_ids"] if batched else batch["input_ids"][0]
