@@ -151,6 +151,33 @@ def test_a_plain_mtmd_chat_handler_feeds_llamacpp_phiclips_prompt(clip_export, c
         assert seen["sequence"] == expected
 
 
+@pytest.mark.parametrize("shape", ["string", "typed"])
+def test_llama_servers_own_template_engine_places_markers_as_phiclip(clip_export, clip_model, tmp_path, shape):
+    """llama-server renders with llama.cpp's Jinja engine: a media message arrives as "<marker>text" (or typed parts)."""
+    import subprocess
+
+    from gguf import GGUFReader
+
+    _, processor = clip_model
+    marker = "<__media_q1w2e3__>"  # llama-server's markers are random
+    template = GGUFReader(str(clip_export / "tiny-f16.gguf")).fields["tokenizer.chat_template"].contents()
+    (tmp_path / "t.jinja").write_text(template)
+    first = (f"{marker}{marker}Same colour?" if shape == "string" else
+             [{"type": "media_marker", "text": marker}, {"type": "media_marker", "text": marker},
+              {"type": "text", "text": "Same colour?"}])
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": first}]
+    (tmp_path / "in.json").write_text(json.dumps({"messages": messages, "add_generation_prompt": True,
+                                                  "bos_token": processor.tokenizer.bos_token,
+                                                  "eos_token": processor.tokenizer.eos_token}))
+    done = subprocess.run([str(LLAMA.src / "llamacpp-jinja-render"), str(tmp_path / "t.jinja"),
+                           str(tmp_path / "in.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    expected = processor.render([*messages[:2], {"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same colour?"}]}], add_generation_prompt=True)
+    assert done.stdout == expected.replace("<image>", marker)
+
+
 def test_siglip_full_image_embeddings_match_phiclip_exactly(siglip_export, siglip_run, tmp_path):
     model, processor = _load(siglip_run / "model")
     for size in (32, 64):
