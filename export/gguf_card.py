@@ -275,6 +275,7 @@ answers PhiClip gives.
 - Quantized files on a CPU that advertises AMX but cannot run it crash with "Illegal instruction" when
   llama.cpp repacks weights: pass `--no-repack` to llama.cpp's tools (`use_extra_bufts = False` in the
   model parameters of the C API; llama-cpp-python's `Llama()` has no argument for it).
-- Tested with llama-cpp-python {f.llama_cpp_python} (its vendored llama.cpp) through `Llama` + `MTMDChatHandler`.
-  llama-server, llama-mtmd-cli, Ollama and LM Studio were not run for this export.
+- Tested with llama-cpp-python {f.llama_cpp_python} (its vendored llama.cpp) through `Llama` + `MTMDChatHandler`; the
+  embedded template also with llama.cpp's own Jinja engine (llama-server's). llama-server, llama-mtmd-cli,
+  Ollama and LM Studio themselves were not run.
 """
