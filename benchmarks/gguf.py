@@ -55,7 +55,8 @@ def _fmt(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/demo", help="a trained run or PhiClip folder (phiclip demo makes runs/demo)")
+    parser.add_argument("--run", default="runs/demo",
+                        help="a trained run or PhiClip folder (phiclip demo makes runs/demo)")
     parser.add_argument("--gguf", help="its GGUF export with f16, Q8_0 and Q4_K_M files (default: exported now)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=24, help="earlier Q/A turns in the prompt (24: ~600 positions)")
@@ -118,7 +119,8 @@ def main() -> None:
         size = "" if sizes[method] is None else f"{sizes[method] / 2**20:.1f}"
         print(f"{method:<26}{_fmt(prefill):>22}{_fmt(decode):>22}{size:>12}")
     print(f"mmproj: {mmproj_size / 2**20:.1f} MB")
-    print(f"llama.cpp q8_0 decode vs PhiClip: {decode_rate['llama.cpp q8_0'] / decode_rate['PhiClip generate() fp32']:.2f}x")
+    ratio = decode_rate["llama.cpp q8_0"] / decode_rate["PhiClip generate() fp32"]
+    print(f"llama.cpp q8_0 decode vs PhiClip: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

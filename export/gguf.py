@@ -189,7 +189,8 @@ def export_gguf(
     facts = gguf_card.CardFacts(
         repo_id=repo_id, name=name, lm_files=lm_files, mmproj_file=names["mmproj"],
         mmproj_size=(tmp / names["mmproj"]).stat().st_size, text_files=text_files,
-        base_models=[_hub_name(config.text_model), _hub_name(config.vision_model)], vision=plan.note, vision_exact=plan.exact,
+        base_models=[_hub_name(config.text_model), _hub_name(config.vision_model)], vision=plan.note,
+        vision_exact=plan.exact,
         cosine_square=cos_square, cosine_wide=cos_wide, image_aspect=getattr(processor, "image_aspect", "crop"),
         pad_colour=pad, llama_pad_colour=mmproj.LLAMACPP_PAD_COLOUR, image_size=int(config.vision_config.image_size),
         n_image_tokens=(int(config.vision_config.image_size) // int(config.vision_config.patch_size)) ** 2,

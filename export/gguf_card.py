@@ -43,7 +43,10 @@ def _between(text: str, start: str, end: str | None) -> str:
 
 
 def chat_turns(render: Callable[[list[dict], bool], str]) -> ChatTurns:
-    """Role markers of the template behind ``render(messages, add_generation_prompt)``; raises :class:`TemplateShapeError`."""
+    """Role markers of the template behind ``render(messages, add_generation_prompt)``.
+
+    Raises :class:`TemplateShapeError` when the template does not wrap messages in fixed markers.
+    """
     sys_ = {"role": "system", "content": _SYS}
     usr, ast, usr2 = ({"role": "user", "content": _USR}, {"role": "assistant", "content": _AST},
                       {"role": "user", "content": _USR2})
@@ -164,7 +167,8 @@ def _preparation(f: CardFacts) -> str:
                      "non-square picture llama.cpp shows the model the whole picture with bands instead of the "
                      "cropped middle. Crop pictures to a square yourself to get the trained view.")
     else:
-        colour = "the same colour" if same_colour else f"RGB {tuple(f.pad_colour)} (llama.cpp: {tuple(f.llama_pad_colour)})"
+        colour = ("the same colour" if same_colour
+                  else f"RGB {tuple(f.pad_colour)} (llama.cpp: {tuple(f.llama_pad_colour)})")
         lines.append(f"This model was trained padding pictures to a square with {colour}, image centred.")
     lines.append(f"Measured at export: per-token cosine of llama.cpp's image embeddings against PhiClip's, "
                  f"square picture {f.cosine_square:.5f} (minimum over tokens), 3:2 picture {f.cosine_wide:.5f}.")
@@ -230,7 +234,8 @@ LoRA adapter merged, and an `mmproj` file with the vision tower and projector. O
 ## llama.cpp
 
 ```sh
-llama-mtmd-cli -m {lm_default} --mmproj {f.mmproj_file} --image photo.png -p "What is in the picture?" --temp 0 --repeat-penalty 1
+llama-mtmd-cli -m {lm_default} --mmproj {f.mmproj_file} --image photo.png -p "What is in the picture?" \\
+  --temp 0 --repeat-penalty 1
 llama-server -hf {f.repo_id}{tag}{hf_file}    # finds {f.mmproj_file} by its name
 ```
 

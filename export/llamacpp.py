@@ -27,7 +27,8 @@ class LlamaCppError(RuntimeError):
 
 @dataclass(frozen=True)
 class LlamaCpp:
-    """``python``: the side environment's interpreter; ``src``: the unpacked converters; ``version``: llama-cpp-python's."""
+    """``python``: the side environment's interpreter; ``src``: the unpacked converters (and the Jinja renderer);
+    ``version``: llama-cpp-python's."""
 
     python: Path
     src: Path

@@ -128,7 +128,8 @@ def plan_vision(config) -> VisionPlan:
 
 def _tower_state(tower: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tower's tensors without a leading ``vision_model.`` (transformers 4 and 5 layouts)."""
-    return {key.removeprefix("vision_model."): value.detach().float().cpu() for key, value in tower.state_dict().items()}
+    return {key.removeprefix("vision_model."): value.detach().float().cpu()
+            for key, value in tower.state_dict().items()}
 
 
 def mmproj_tensors(model, plan: VisionPlan) -> dict[str, np.ndarray]:

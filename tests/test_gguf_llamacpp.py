@@ -32,7 +32,8 @@ def _llama_or_none():
 
 LLAMA = _llama_or_none()
 pytestmark = [pytest.mark.gguf,
-              pytest.mark.skipif(LLAMA is None, reason="no llama.cpp side environment (bash scripts/llamacpp_setup.sh)")]
+              pytest.mark.skipif(LLAMA is None,
+                                 reason="no llama.cpp side environment (bash scripts/llamacpp_setup.sh)")]
 DEMO = Path(os.environ.get("PHICLIP_DEMO_RUN", Path(__file__).resolve().parents[1] / "runs" / "demo"))
 NO_REPACK = {"repack": False}  # quantized types on CPUs that advertise AMX but cannot run it (see the card)
 
@@ -153,7 +154,7 @@ def test_a_plain_mtmd_chat_handler_feeds_llamacpp_phiclips_prompt(clip_export, c
 
 @pytest.mark.parametrize("shape", ["string", "typed"])
 def test_llama_servers_own_template_engine_places_markers_as_phiclip(clip_export, clip_model, tmp_path, shape):
-    """llama-server renders with llama.cpp's Jinja engine: a media message arrives as "<marker>text" (or typed parts)."""
+    """llama-server renders with llama.cpp's Jinja engine; a media message arrives as "<marker>text" or typed parts."""
     import subprocess
 
     from gguf import GGUFReader
@@ -309,7 +310,7 @@ def test_text_only_route_base_lm_and_adapter(clip_export, tiny_run):
 
 @pytest.fixture(scope="module")
 def smollm2_export(tmp_path_factory) -> tuple[Path, Path]:
-    """A PhiClip on the real SmolLM2-135M-Instruct (offline copy) trained one step, exported with its text-only route."""
+    """A PhiClip on the real SmolLM2-135M-Instruct (offline copy), trained one step, exported with its text route."""
     from tiny_models import build_tiny_run, save_tiny_clip
 
     from demo.offline import SMOLLM2, resolve
