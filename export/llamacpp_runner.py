@@ -10,7 +10,7 @@ environment does not need llama.cpp: :mod:`export.llamacpp` starts it as a subpr
   size; the LM is loaded vocabulary-only).
 * ``chat {"model", "mmproj", "requests", "out", "threads", "n_ctx", "repack"}``: greedy answers through a plain
   ``Llama(..., chat_handler=MTMDChatHandler(mmproj))`` with the GGUF's embedded chat template; ``requests``
-  is a JSON-lines file of ``{"id", "image", "question"}`` (``image`` a file path or null).
+  is a JSON-lines file of ``{"id", "image", "question"}`` (``image``: a file path, a list of them, or null).
 * ``tokens {"model", "mmproj", "messages"}``: the token ids and image slots ``MTMDChatHandler`` feeds llama.cpp.
 * ``complete {"model", "lora", "lora_scale", "messages", ...}``: one greedy chat answer without an mmproj,
   optionally with a LoRA adapter GGUF (the text-only route).
@@ -135,11 +135,13 @@ def _image_url(path: str) -> str:
     return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
-def _user_message(question: str, image: str | None) -> dict:
-    if image is None:
+def _user_message(question: str, image: str | list[str] | None) -> dict:
+    """A user turn: its images (a path or a list of paths) first, then the question."""
+    images = [] if image is None else [image] if isinstance(image, str) else list(image)
+    if not images:
         return {"role": "user", "content": question}
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(image)}},
-                                        {"type": "text", "text": question}]}
+    return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": _image_url(path)}}
+                                          for path in images), {"type": "text", "text": question}]}
 
 
 def _greedy(llm, messages: list[dict], max_tokens: int) -> str:

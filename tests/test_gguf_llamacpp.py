@@ -397,3 +397,24 @@ def test_push_gguf_uploads_the_export_in_one_commit(clip_export, tmp_path):
     card = files["README.md"].decode()
     assert f"llama-server -hf {repo}:Q8_0" in card and "OWNER/" not in card
     assert json.loads(files[INFO_FILE])["repo_id"] == repo
+
+
+@needs_demo
+def test_demo_two_image_questions_in_llamacpp(demo_export, tmp_path):
+    """Several images in one message: llama.cpp's exact match on the demo's two-image task stays PhiClip's."""
+    from evaluation.metrics import exact_match
+    from train.config import load_config
+    from train.records import read_records
+
+    pairs = json.loads((DEMO / "eval.json").read_text())["two_image"]
+    records, _ = read_records(pairs["data"])
+    images = Path(load_config(DEMO / "config.yaml").data.images)
+    items = [{"id": str(i), "image": [str(images / name) for name in r.images],
+              "question": r.turns[0].content.replace("<image>", "").strip(), "references": [r.turns[1].content]}
+             for i, r in enumerate(records)]
+    answers = _chat(demo_export / "demo-f16.gguf", demo_export / "mmproj-demo-f16.gguf", items,
+                    tmp_path / "pairs.jsonl", 24)
+    score = np.mean([exact_match(answers[item["id"]], item["references"]) for item in items])
+    print(f"demo two-image questions, llama.cpp f16: exact match {score:.3f} on {len(items)} "
+          f"(PhiClip {pairs['exact_match']:.3f})")
+    assert score >= pairs["exact_match"] - 0.05
