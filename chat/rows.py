@@ -97,7 +97,7 @@ class GenerationSettings:
             raise ValueError(f"{', '.join(extra)} cannot be passed as generate() keywords; use VisionChat")
         out = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
         if self.sampled:
-            out.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+            out.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)  # no top-k, as OpenAI
         else:
             out.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return out

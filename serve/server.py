@@ -62,7 +62,7 @@ def build_app(engine: Engine, transcriber: Transcriber | None, config: ServeConf
 
         from serve.ui import build_ui
 
-        demo = build_ui(engine, transcriber, config.limits)
+        demo = build_ui(engine, transcriber, config.limits, max_images=config.max_images)
         demo.queue(max_size=config.max_queue)
         gr.mount_gradio_app(
             app,

@@ -1,10 +1,12 @@
-"""The Gradio web UI: image, microphone or audio file, typed text, chat history, switches.
+"""The Gradio web UI: images, microphone or audio file, typed text, chat history, switches.
 
 The event handler takes the raw component payloads (``preprocess=False``) so that image and
 audio files are checked by the same code as API uploads and every problem reaches the user
 as a readable message in the status line, never a generic error box. Uploaded files are
 only read from inside Gradio's upload folder. Each browser session keeps its own
-conversation; the answer streams into the chat as it is generated.
+conversation: images uploaded with a question stay part of it for the later turns (several
+per turn, up to the server's ``--max-images`` in all); the answer streams into the chat as it
+is generated.
 """
 
 from __future__ import annotations
@@ -49,33 +51,49 @@ def _upload_bytes(payload, limits: Limits, what: str, param: str) -> bytes | Non
     return path.read_bytes()
 
 
+def _gallery_files(payload) -> list:
+    """The uploaded files of a Gallery payload (a list of ``{"image": FileData, "caption": ...}``)."""
+    items = payload.get("root", []) if isinstance(payload, dict) else payload or []
+    return [item.get("image", item) if isinstance(item, dict) else item for item in items]
+
+
+def _count(n: int) -> str:
+    return f"[{n} image{'s' if n != 1 else ''}]"
+
+
 def build_ui(
-    engine: Engine, transcriber: Transcriber | None, limits: Limits, title: str = "phiclip assistant"
+    engine: Engine, transcriber: Transcriber | None, limits: Limits, title: str = "phiclip assistant",
+    max_images: int = 8,
 ) -> gr.Blocks:
     def respond(
-        text, image, audio, messages, display, refine, clean, punctuation, max_new, temperature, top_p, penalty
+        text, gallery, audio, messages, images, display, refine, clean, punctuation, max_new, temperature, top_p,
+        penalty,
     ):
-        messages, display = list(messages or []), list(display or [])
+        messages, images, display = list(messages or []), list(images or []), list(display or [])
         keep = gr.skip()
         try:
-            picture = None
-            data = _upload_bytes(image, limits, "image", "image")
-            if data is not None:
-                picture = decode_image(data, limits, "image")
+            pictures = []
+            for i, upload in enumerate(_gallery_files(gallery)):
+                data = _upload_bytes(upload, limits, "image", f"image {i + 1}")
+                if data is not None:
+                    pictures.append(decode_image(data, limits, f"image {i + 1}"))
+            if len(images) + len(pictures) > max_images:
+                raise bad_request(f"this conversation would hold {len(images) + len(pictures)} images; the limit is "
+                                  f"{max_images}: start a new conversation")
             transcript = ""
             sound = _upload_bytes(audio, limits, "recording", "audio")
             if sound is not None:
                 if transcriber is None:
                     raise bad_request("speech recognition is switched off on this server; type the question")
-                yield keep, keep, keep, keep, "Transcribing the recording ...", keep, keep
+                yield keep, keep, keep, keep, keep, "Transcribing the recording ...", keep, keep, keep
                 transcript = transcriber.transcribe(sound, param="audio").text
             question = join_question(text, transcript)
             if not question:
                 raise bad_request("the question is empty: type or record a question")
-            turn = [{"type": "image"}, {"type": "text", "text": question}] if picture is not None else question
-            job = Job(  # the history is text: an image is asked about in the turn it comes with
+            turn = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": question}]
+            job = Job(  # earlier turns keep their images: the model sees the whole conversation
                 messages=[*messages, {"role": "user", "content": turn}],
-                images=[picture] if picture is not None else [],
+                images=[*images, *pictures],
                 settings=GenerationSettings(
                     max_new_tokens=int(max_new),
                     temperature=float(temperature),
@@ -86,8 +104,10 @@ def build_ui(
                 post=PostOptions(clean=bool(clean), drop_punctuation=bool(punctuation)),
             )
             shown = question if not transcript else f"{(text or '').strip()}\n(spoken) {transcript}".strip()
+            if pictures:
+                shown = f"{_count(len(pictures))} {shown}"
             display = [*display, {"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
-            yield display, keep, keep, transcript, "Waiting for the model ...", keep, keep
+            yield display, keep, keep, keep, transcript, "Waiting for the model ...", keep, keep, keep
             answer, draft, result = "", "", None
             for event in engine.events(job):
                 if isinstance(event, Result):
@@ -99,26 +119,32 @@ def build_ui(
                 else:
                     answer += event.text
                     display[-1] = {"role": "assistant", "content": answer}
-                yield display, keep, keep, keep, "Answering ...", keep, keep
+                yield display, keep, keep, keep, keep, "Answering ...", keep, keep, keep
             display[-1] = {"role": "assistant", "content": answer}
-            messages = [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            yield display, messages, display, transcript, _done(result), "", None
+            messages = [*messages, {"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
+            images = [*images, *pictures]
+            status = _done(result) + (f" The conversation holds {_count(len(images))}." if images else "")
+            yield display, messages, images, display, transcript, status, "", None, None
         except ServeError as err:
-            yield keep, keep, keep, keep, f"⚠️ {err.message}", keep, keep
+            yield keep, keep, keep, keep, keep, f"⚠️ {err.message}", keep, keep, keep
         except Exception:
             log.exception("web UI request failed")
-            yield keep, keep, keep, keep, "⚠️ internal error; the server logged it", keep, keep
+            yield keep, keep, keep, keep, keep, "⚠️ internal error; the server logged it", keep, keep, keep
 
     def reset():
-        return [], [], [], "", "New conversation.", "", None, None
+        return [], [], [], [], "", "New conversation.", "", None, None
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         messages = gr.State([])
+        images = gr.State([])  # the conversation's images so far, in order
         display = gr.State([])
         gr.Markdown(f"## {title}\n{INTRO}")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="image-input")
+                gallery = gr.Gallery(label=f"Images for this question (several allowed; up to {max_images} per "
+                                     "conversation, kept for the later questions)", type="filepath",
+                                     file_types=["image"], interactive=True, columns=3, height=220,
+                                     elem_id="image-input")
                 audio = gr.Audio(
                     label="Question by voice (record or upload)",
                     sources=["microphone", "upload"],
@@ -146,9 +172,10 @@ def build_ui(
 
         inputs = [
             question,
-            image,
+            gallery,
             audio,
             messages,
+            images,
             display,
             refine,
             clean,
@@ -158,7 +185,7 @@ def build_ui(
             top_p,
             penalty,
         ]
-        outputs = [chatbot, messages, display, transcript, status, question, audio]
+        outputs = [chatbot, messages, images, display, transcript, status, question, audio, gallery]
         for trigger in (send.click, question.submit):
             trigger(
                 respond,
@@ -173,7 +200,7 @@ def build_ui(
         new.click(
             reset,
             None,
-            [chatbot, messages, display, transcript, status, question, audio, image],
+            [chatbot, messages, images, display, transcript, status, question, audio, gallery],
             api_visibility="private",
         )
     return demo

@@ -77,7 +77,7 @@ def test_image_question_streams_an_answer(page, tmp_path):
     assert "fine-tuned model (image)" in status
     answer = page.locator("#chat .bot").last.inner_text().strip()
     assert answer
-    assert page.locator("#chat .user").last.inner_text().strip() == "What is in the picture?"
+    assert page.locator("#chat .user").last.inner_text().strip() == "[1 image] What is in the picture?"
     growing = {s.strip() for s in page.evaluate("window.seen") if s.strip() and answer.startswith(s.strip())}
     assert len(growing) >= 3, "the answer should appear piece by piece, each state a prefix of the next"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -125,9 +125,9 @@ def test_ui_refuses_files_that_were_not_uploaded(ui_server):
     """A hand-made event naming a server path must not reach the handler (nothing from a request is a path)."""
     base = f"{ui_server.url}/ui"
     config = httpx.get(f"{base}/config").json()
-    dep = next(d for d in config["dependencies"] if len(d["inputs"]) == 12)
+    dep = next(d for d in config["dependencies"] if len(d["inputs"]) == 13)
     image = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}, "orig_name": "a.png"}
-    data = ["What?", image, None, None, None, False, False, False, 8, 0, 1, 1]
+    data = ["What?", [{"image": image, "caption": None}], None, None, None, None, False, False, False, 8, 0, 1, 1]
     join = httpx.post(
         f"{base}/gradio_api/queue/join",
         json={"data": data, "fn_index": dep["id"], "session_hash": "e2epath", "trigger_id": dep["targets"][0][0]},
@@ -163,3 +163,31 @@ def test_switches_and_a_follow_up_question(page, tmp_path):
     wait_status(page, "Answered")
     assert page.locator("#chat .bot").count() == 2
     assert not page.locator("#chat .bot").last.inner_text().startswith("draft")
+
+
+def test_several_images_stay_with_the_conversation(page, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    photos = [tmp_path / "astronaut.png", tmp_path / "coffee.png", tmp_path / "chelsea.png"]
+    for path, picture in zip(photos, (data.astronaut(), data.coffee(), data.chelsea())):
+        Image.fromarray(picture).resize((96, 64)).save(path)
+    page.locator("#image-input input[type=file]").set_input_files(photos[:2])
+    page.wait_for_function("document.querySelectorAll('#image-input img').length >= 2")
+    page.locator("#question textarea").fill("Which picture is brighter?")
+    page.click("#send")
+    status = wait_status(page, "Answered")
+    assert "fine-tuned model (image)" in status and "[2 images]" in status
+    assert page.locator("#chat .user").last.inner_text().strip() == "[2 images] Which picture is brighter?"
+    page.locator("#question textarea").fill("And now?")  # no new upload: the two images are still asked about
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('#chat .user').length >= 2")
+    status = wait_status(page, "Answered")
+    assert "fine-tuned model (image)" in status and "[2 images]" in status
+    page.locator("#image-input input[type=file]").set_input_files(photos[2:])
+    page.wait_for_selector("#image-input img")
+    page.locator("#question textarea").fill("And this one?")
+    page.click("#send")
+    assert "fine-tuned model (image)" in wait_status(page, "holds [3 images]")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-ui-several-images.png"), full_page=True)
