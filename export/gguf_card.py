@@ -170,6 +170,9 @@ def _preparation(f: CardFacts) -> str:
         colour = ("the same colour" if same_colour
                   else f"RGB {tuple(f.pad_colour)} (llama.cpp: {tuple(f.llama_pad_colour)})")
         lines.append(f"This model was trained padding pictures to a square with {colour}, image centred.")
+    lines.append("llama.cpp decodes files with stb_image: it ignores the EXIF orientation of phone photos and drops "
+                 "transparency (PhiClip turns photos upright and puts transparent pixels on white), so rotate and "
+                 "flatten such pictures first.")
     lines.append(f"Measured at export: per-token cosine of llama.cpp's image embeddings against PhiClip's, "
                  f"square picture {f.cosine_square:.5f} (minimum over tokens), 3:2 picture {f.cosine_wide:.5f}.")
     return " ".join(lines)
