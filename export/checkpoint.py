@@ -223,6 +223,55 @@ def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_i
     return processor
 
 
+def prepare_out(source: str | Path, out: str | Path, overwrite: bool) -> Path:
+    """Check that ``out`` may be written (outside ``source``; empty, or ``overwrite``) and clear it; returns it.
+
+    Raises :class:`ExportError` for a folder inside the source, ``FileExistsError`` for a
+    non-empty one without ``overwrite``.
+    """
+    out = Path(out)
+    src = Path(source).resolve()
+    if Path(source).is_dir() and (out.resolve() == src or src in out.resolve().parents):
+        raise ExportError(f"export folder {out} must lie outside {source}")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
+        shutil.rmtree(out)
+    return out
+
+
+def write_llava(model: PhiClipForCausalLM, phiclip_processor: PhiClipProcessor, folder: Path, target: torch.dtype,
+                shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write ``model`` (its LM without an adapter: merged, or the base) as a Llava folder into ``folder``.
+
+    Config, safetensors, generation config, ``LlavaProcessor`` with PhiClip's chat template and
+    ``preprocessor_config.json``. Returns the facts for ``phiclip_export.json``: ``dtype``,
+    ``n_image_tokens``, ``tied_embeddings``, ``image_aspect`` and ``weights`` (file names).
+    """
+    n_image_tokens = model.image_token_count()
+    llava = to_llava(model).to(target)
+    processor = make_processor(phiclip_processor.tokenizer, llava_image_processor(phiclip_processor),
+                               llava.config.vision_config, llava.config.vision_feature_select_strategy, n_image_tokens)
+    tensors, tied = checkpoint_state(llava)
+    files = write_safetensors(tensors, folder, shard_bytes)
+    config = llava.config
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = target
+    config.get_text_config().dtype = target
+    if not tied:
+        config.tie_word_embeddings = False
+        config.get_text_config().tie_word_embeddings = False
+    config.save_pretrained(folder)
+    llava.generation_config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    # Also the classic preprocessor_config.json, for loaders that read the image processor alone.
+    processor.image_processor.save_pretrained(folder)
+    for file in files:
+        os.chmod(folder / file, 0o644)
+    return {"dtype": str(target).removeprefix("torch."), "n_image_tokens": n_image_tokens, "tied_embeddings": tied,
+            "image_aspect": phiclip_processor.image_aspect, "weights": files}
+
+
 def export_run(
     source: str | Path,
     out: str | Path,
@@ -239,56 +288,30 @@ def export_run(
     The merge itself is done in float32 and the result cast afterwards.
     """
     where = locate(source)
-    out = Path(out)
-    src = Path(source).resolve()
-    if Path(source).is_dir() and (out.resolve() == src or src in out.resolve().parents):
-        raise ExportError(f"export folder {out} must lie outside {source}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
-        shutil.rmtree(out)
+    out = prepare_out(source, out, overwrite)
     device = device or torch.device("cpu")
     config = PhiClipConfig.from_pretrained(where)
     check_exportable(config)
     merged_adapter = config.adapter_subfolder is not None
     model, phiclip_processor = load_parts(source, dtype=torch.float32, device_map=str(device), merge_adapter=True)
     target = _target_dtype(dtype, model)
-    n_image_tokens = model.image_token_count()
-    llava = to_llava(model).to(target)
-    processor = make_processor(phiclip_processor.tokenizer, llava_image_processor(phiclip_processor),
-                               llava.config.vision_config, llava.config.vision_feature_select_strategy, n_image_tokens)
-    tensors, tied = checkpoint_state(llava)
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    files = write_safetensors(tensors, tmp, shard_bytes)
-    config = llava.config
-    config.architectures = ["LlavaForConditionalGeneration"]
-    config.dtype = target
-    config.get_text_config().dtype = target
-    if not tied:
-        config.tie_word_embeddings = False
-        config.get_text_config().tie_word_embeddings = False
-    config.save_pretrained(tmp)
-    llava.generation_config.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    # Also the classic preprocessor_config.json, for loaders that read the image processor alone.
-    processor.image_processor.save_pretrained(tmp)
-    for file in files:
-        os.chmod(tmp / file, 0o644)
+    written = write_llava(model, phiclip_processor, tmp, target, shard_bytes)
     info = {
         "source": str(source),
         "lm": model.config.text_model,
         "vision": model.config.vision_model,
-        "dtype": str(target).removeprefix("torch."),
-        "n_image_tokens": n_image_tokens,
+        "dtype": written["dtype"],
+        "n_image_tokens": written["n_image_tokens"],
         "lora_merged": merged_adapter,
         "vision_tower_trained": bool(model.config.vision_weights),
-        "tied_embeddings": tied,
-        "image_aspect": phiclip_processor.image_aspect,
-        "weights": files,
+        "tied_embeddings": written["tied_embeddings"],
+        "image_aspect": written["image_aspect"],
+        "weights": written["weights"],
         "note": (
             "PhiClip answers text-only questions with the adapter disabled; this merged checkpoint "
             "always applies it."
