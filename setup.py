@@ -19,6 +19,7 @@ EXTRAS = {
         "llguidance>=1.0",  # response_format: JSON answers through constrained decoding
     ],
     "eval": ["pycocoevalcap>=1.2"],
+    "datasets": ["datasets>=4.0"],  # Hugging Face datasets as training/eval data: Hub ids, parquet/arrow, streaming
     "test": ["pytest", "scikit-image", "scikit-learn", "playwright", "psutil", "httpx"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

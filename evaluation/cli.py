@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from evaluation.metrics import METRICS
@@ -24,14 +25,21 @@ def _eval(args: argparse.Namespace) -> int:
     from evaluation.report import write_report
     from chat.assistant import VisionChat
 
-    run_dir, data = Path(args.run_dir), Path(args.data)
-    images = args.images if args.images is not None else str(data.parent)
+    from train.records import is_dataset_source
+
+    run_dir, data = Path(args.run_dir), args.data
+    if args.images is not None:
+        images = args.images
+    else:  # a dataset's own folder (train.records.images_dir), a JSON file's folder
+        images = "" if is_dataset_source(data) else str(Path(data).parent)
+    name = (re.sub(r"[^\w.-]+", "--", data.removeprefix("hf://")) if data.startswith("hf://")
+            else Path(data).stem)
     if args.out:
         out = Path(args.out)
     elif run_dir.is_dir():
-        out = run_dir / "eval" / data.stem
+        out = run_dir / "eval" / name
     else:  # a Hub repo id
-        out = Path("runs") / "eval" / str(args.run_dir).replace("/", "--") / data.stem
+        out = Path("runs") / "eval" / str(args.run_dir).replace("/", "--") / name
     chat = VisionChat.load(run_dir)
     try:
         result = evaluate_run(
@@ -64,7 +72,8 @@ def add_subparser(subparsers) -> None:
         "answers.jsonl and a self-contained report.html.",
     )
     p.add_argument("run_dir", nargs="?", help="training run directory, PhiClip folder or Hub repo id")
-    p.add_argument("data", nargs="?", help="LLaVA JSON/JSONL eval set (gpt turn or 'answers' list as reference)")
+    p.add_argument("data", nargs="?", help="eval set (gpt turn or 'answers' list as reference): LLaVA "
+                   "JSON/JSONL, parquet/arrow file or folder, or hf://OWNER/NAME[:CONFIG][/SPLIT][@REVISION]")
     p.add_argument("--images", default=None, help="images folder (default: the folder of DATA)")
     p.add_argument("--metric", choices=METRICS, default="auto",
                    help="auto: yesno if all references are yes/no, caption if long, vqa if several answers, else exact")

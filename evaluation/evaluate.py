@@ -1,6 +1,8 @@
 """Evaluate a run on a LLaVA-format eval set: batched generation, then the metric.
 
-An eval item is a record's last human turn (with the conversation before it as history)
+The eval set is LLaVA JSON/JSONL or a Hugging Face dataset (:mod:`train.hf_records`: ``hf://...``,
+parquet/arrow files or folders, either row layout). An eval item is a record's last human turn (with the
+conversation before it as history)
 and its reference answer(s): the gpt turn that follows it, or an ``answers`` list
 (VQAv2 style: strings, or objects with an ``answer`` key), which also lets the record end
 with the question. Items with and without an image are generated in separate batches
@@ -18,11 +20,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from processing_phiclip import IMAGE_TOKEN, ImageError, open_image
-from train.images import ImageResolver
+from train.images import ImageResolver, RowImage
 from train.records import (
     ROLES,
     BadRecord,
     Report,
+    images_dir,
+    is_dataset_source,
     iter_raw,
     parse_record,
     raw_id,
@@ -36,7 +40,7 @@ class EvalItem:
     id: str
     messages: list[dict[str, str]]  # history + the question, ending with a user turn; <image> marks each image
     references: list[str]
-    images: list[Path] = field(default_factory=list)
+    images: list[Path | RowImage] = field(default_factory=list)  # files, or images embedded in a dataset
     question_type: str | None = None
 
     @property
@@ -49,6 +53,7 @@ class EvalResult:
     metrics: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     report: Report = field(default_factory=Report)
+    embedded: dict[str, RowImage] = field(default_factory=dict)  # a row's "image" name -> the dataset image it is
 
 
 def _answers_field(raw: dict) -> list[str] | None:
@@ -68,7 +73,8 @@ def _answers_field(raw: dict) -> list[str] | None:
     return out
 
 
-def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver) -> EvalItem:
+def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver, images: list[Any] | None = None) -> EvalItem:
+    """``images``: the record's images as a dataset row holds them (see :func:`parse_record`)."""
     if not isinstance(raw, dict):
         raise BadRecord(f"not an object: {type(raw).__name__}")
     answers = _answers_field(raw)
@@ -80,12 +86,12 @@ def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver) -> Eval
                 raise BadRecord("no reference: the record ends with a question and has no 'answers' field")
             # parse_record drops an unanswered last question; give it a stand-in answer to keep it.
             raw = {**raw, "conversations": [*convs, {"from": "gpt", "value": answers[0]}]}
-    record = parse_record(raw, source, index)
+    record = parse_record(raw, source, index, images=images)
     turns = record.turns
     references = answers if answers is not None else [turns[-1].content]
     messages = to_messages(turns[:-1])
     try:
-        images = [resolver.resolve(name) for name in record.images]
+        images = [resolver.resolve(name) if isinstance(name, str) else name for name in record.images]
     except ImageError as err:
         raise BadRecord(str(err)) from err
     qtype = raw.get("question_type", raw.get("category"))
@@ -99,7 +105,12 @@ def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver) -> Eval
 
 
 def load_eval_set(data: str | Path, images: str | Path | None = None, limit: int = 0) -> tuple[list[EvalItem], Report]:
-    """Eval items of a LLaVA JSON/JSONL file; unusable records are skipped and listed in the report."""
+    """Eval items of a LLaVA JSON/JSONL file or a dataset; unusable records are skipped and listed in the report.
+
+    ``images``: the folder image file names are relative to (a local dataset's own folder by default).
+    """
+    if is_dataset_source(data):
+        return _load_dataset_eval_set(str(data), images or "", limit)
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"eval data not found: {path}")
@@ -115,6 +126,25 @@ def load_eval_set(data: str | Path, images: str | Path | None = None, limit: int
             report.n_kept += 1
         except BadRecord as err:
             report.skip(str(path), raw_id(raw, index), str(err))
+    return items, report
+
+
+def _load_dataset_eval_set(data: str, images: str, limit: int) -> tuple[list[EvalItem], Report]:
+    from train.hf_records import iter_dataset_rows
+
+    resolver = ImageResolver(images_dir(data, images))
+    report = Report()
+    items: list[EvalItem] = []
+    for row in iter_dataset_rows(data):
+        if limit and len(items) >= limit:
+            break
+        report.n_read += 1
+        try:
+            raw, row_images = row.to_llava()
+            items.append(_to_item(raw, data, row.index, resolver, images=row_images))
+            report.n_kept += 1
+        except BadRecord as err:
+            report.skip(data, row.id, str(err))
     return items, report
 
 
@@ -145,7 +175,8 @@ def generate_answers(chat, items: list[EvalItem], *, batch_size: int = 8, max_ne
             keep = []
             for i in batch:
                 try:
-                    images.append([open_image(path) for path in items[i].images])
+                    images.append([open_image(image.read() if isinstance(image, RowImage) else image)
+                                   for image in items[i].images])
                     keep.append(i)
                 except ImageError as err:
                     if report is not None:
@@ -215,7 +246,8 @@ def score_answers(items: list[EvalItem], answers: list[str], metric: str = "auto
             by_type[row["question_type"]].append(row["score"])
     out["by_type"] = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
     out["by_type_n"] = {k: len(v) for k, v in sorted(by_type.items())}
-    return EvalResult(metrics=out, rows=rows)
+    embedded = {str(image): image for item in items for image in item.images if isinstance(image, RowImage)}
+    return EvalResult(metrics=out, rows=rows, embedded=embedded)
 
 
 def evaluate_run(

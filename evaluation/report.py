@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.evaluate import EvalResult
+from train.images import RowImage
 
 N_SAMPLES = 48
 THUMBNAIL = 192
@@ -26,12 +27,14 @@ def _png_data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
-def thumbnail_data_url(path: str | Path, size: int = THUMBNAIL) -> str | None:
-    """A small PNG of the image, upright and in RGB, as a data URL (``None`` if it cannot be read)."""
+def thumbnail_data_url(path: str | Path | RowImage, size: int = THUMBNAIL) -> str | None:
+    """A small PNG of the image (a file, or one embedded in a dataset), upright and in RGB, as a data URL
+    (``None`` if it cannot be read)."""
     from processing_phiclip import ImageError, open_image, prepare_image
 
     try:
-        image = prepare_image(open_image(path), aspect="crop")  # "crop": the whole picture, the image processor crops
+        source = path.read() if isinstance(path, RowImage) else path
+        image = prepare_image(open_image(source), aspect="crop")  # "crop": the whole picture, the image processor crops
     except ImageError:
         return None
     image.thumbnail((size, size))
@@ -112,7 +115,7 @@ def render_html(result: EvalResult, run_dir: Path | None = None, n_samples: int 
     for row in shown:
         image = "<span class='muted'>none</span>"
         if row.get("image"):
-            url = thumbnail_data_url(row["image"])
+            url = thumbnail_data_url(result.embedded.get(row["image"], row["image"]))
             image = f"<img alt='' src='{url}'>" if url else "<span class='muted'>unreadable</span>"
         refs = row.get("references") or []
         ref_text = refs[0] if len(refs) == 1 else "; ".join(dict.fromkeys(refs))

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from processing_phiclip import IMAGE_TOKEN, ImageError, open_image, prepare_image
 from train.images import ImageResolver
-from train.records import Record, Report, read_records
+from train.records import Record, Report, images_dir, read_records
 
 
 SPELLED = "text spells a special token of the tokenizer (kept; trained on as plain text)"
@@ -26,11 +26,14 @@ def spelled_special_tokens(record: Record, specials: set[str]) -> bool:
 def check_dataset(data: str | Path, images: str | Path = "", tokenizer: str | None = None) -> Report:
     """Parse every record and fully decode (and prepare) every image it references; problems go in the report.
 
+    ``data`` is LLaVA JSON/JSONL or a dataset (:mod:`train.hf_records`); ``images`` defaults to a local
+    dataset's folder.
+
     With ``tokenizer`` (a name, path or ``offline:NAME``), records whose text spells one of its special
     tokens (or ``<image>`` outside a user turn) are counted as a note: they are kept and trained on as text.
     """
     records, report = read_records(data)
-    resolver = ImageResolver(images)
+    resolver = ImageResolver(images_dir(data, images))
     specials: set[str] = set()
     if tokenizer:
         from transformers import AutoTokenizer
@@ -43,7 +46,7 @@ def check_dataset(data: str | Path, images: str | Path = "", tokenizer: str | No
     for record in tqdm(records, desc="checking images", unit="rec", mininterval=1):
         try:
             for image in record.images:
-                prepare_image(open_image(resolver.resolve(image) if isinstance(image, str) else image))
+                prepare_image(open_image(resolver.source(image)))
         except ImageError as err:
             report.skip(str(data), record.id, str(err))
             continue

@@ -7,7 +7,9 @@ An image that fails to decode mid-run is reported and the item replaced by the n
 one, so one bad file never stops a long run. The report lives in the main process: a data
 loader worker that meets a bad image sends it along with the batch (``IMAGE_ERRORS``), and
 the trainer hands it to :meth:`LlavaDataset.exclude_image`, so it is reported once and the
-next epoch's workers skip it without opening it again.
+next epoch's workers skip it without opening it again. :class:`Encoder` holds what turns a record
+into an example and an example into a training item, for this dataset and the streamed one
+(:mod:`train.streaming`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from processing_phiclip import ImageError, PhiClipProcessor
-from train.images import ImageResolver
-from train.records import Record, Report
+from train.images import ImageResolver, RowImage
+from train.records import BadRecord, Record, Report
 from train.template import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
 from train.transforms import english_stopwords, transform_answers
 
 IMAGE_ERRORS = "image_errors"  # batch key: (image path, reason) of images a worker could not decode
+STREAM_STATE = "stream_state"  # batch key: where a streamed dataset stands after the batch's last example
 
 
 def in_validation(record_id: str, fraction: float) -> bool:
@@ -50,6 +53,49 @@ class Example:
         return [img if isinstance(img, str) else f"{self.record.where} image {i}" for i, img in enumerate(self.images)]
 
 
+@dataclass
+class Encoder:
+    """Tokenizes a record into an :class:`Example` and prepares its images, as training takes them."""
+
+    processor: PhiClipProcessor
+    resolver: ImageResolver
+    n_image_tokens: int
+    max_length: int
+    system_prompt: str | None = None
+    stopwords: frozenset[str] | None = None
+    no_punctuation: bool = False
+
+    def encode(self, record: Record) -> Example:
+        """The record's example: answer transforms applied, tokenized, file names resolved (embedded images stay
+        as they are). Raises :class:`BadRecord` with the reason it cannot train."""
+        turns = transform_answers(record.turns, stopwords=self.stopwords, no_punctuation=self.no_punctuation)
+        if any(t.role == "assistant" and not t.content.strip() for t in turns):
+            raise BadRecord("no answer: answer empty after answer transforms")
+        try:
+            encoded = encode_conversation(self.processor, turns, n_image_tokens=self.n_image_tokens,
+                                          max_length=self.max_length, system_prompt=self.system_prompt)
+            images = [str(self.resolver.resolve(img)) if isinstance(img, str) else img
+                      for img in record.images[: encoded.n_images]]
+        except (ImageError, TemplateError) as err:
+            raise BadRecord(str(err)) from err
+        return Example(record, encoded, images)
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """``(1, 3, H, W)`` pixel values of one of an example's images; raises :class:`ImageError`."""
+        return self.processor.image_pixels([image.read() if isinstance(image, RowImage) else image])
+
+    @staticmethod
+    def item(example: Example, pixels: list[torch.Tensor]) -> dict[str, Any]:
+        """The training item: ids, labels and the example's images' pixel values ``(n_images, 3, H, W)``."""
+        item: dict[str, Any] = {
+            "input_ids": torch.tensor(example.encoded.input_ids),
+            "labels": torch.tensor(example.encoded.labels),
+        }
+        if pixels:
+            item["pixel_values"] = torch.cat(pixels)
+        return item
+
+
 class LlavaDataset(torch.utils.data.Dataset):
     def __init__(
         self,
@@ -67,25 +113,17 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.n_image_tokens = n_image_tokens
         self.report = report
+        self.encoder = Encoder(processor, resolver, n_image_tokens, max_length, system_prompt,
+                               english_stopwords() if drop_stopwords else None, drop_punctuation)
         self.examples: list[Example] = []
         self.bad_images: dict[str, str] = {}  # image key (see Example.image_keys) -> why it cannot be used
         kept = 0
-        stopwords = english_stopwords() if drop_stopwords else None
         for record in tqdm(records, desc="tokenizing", unit="rec", leave=False, mininterval=2):
-            turns = transform_answers(record.turns, stopwords=stopwords, no_punctuation=drop_punctuation)
-            if any(t.role == "assistant" and not t.content.strip() for t in turns):
-                report.skip(record.source, record.id, "no answer: answer empty after answer transforms")
-                continue
             try:
-                encoded = encode_conversation(
-                    processor, turns, n_image_tokens=n_image_tokens, max_length=max_length, system_prompt=system_prompt
-                )
-                images = [str(resolver.resolve(img)) if isinstance(img, str) else img
-                          for img in record.images[: encoded.n_images]]
-            except (ImageError, TemplateError) as err:
+                self.examples.append(self.encoder.encode(record))
+            except BadRecord as err:
                 report.skip(record.source, record.id, str(err))
                 continue
-            self.examples.append(Example(record, encoded, images))
             kept += 1
         report.n_kept = kept
 
@@ -114,14 +152,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             keys = example.image_keys
             if any(key in self.bad_images for key in keys):
                 continue
-            item: dict[str, Any] = {
-                "input_ids": torch.tensor(example.encoded.input_ids),
-                "labels": torch.tensor(example.encoded.labels),
-            }
             pixels = []
             for key, image in zip(keys, example.images):
                 try:
-                    pixels.append(self.processor.image_pixels([image]))  # (1, 3, H, W)
+                    pixels.append(self.encoder.pixels(image))  # (1, 3, H, W)
                 except ImageError as err:
                     self.exclude_image(key, str(err))
                     if get_worker_info() is not None:  # a worker's copy: the main process must hear of it too
@@ -129,8 +163,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                     break
             if len(pixels) < len(keys):
                 continue
-            if pixels:
-                item["pixel_values"] = torch.cat(pixels)  # (n_images, 3, H, W)
+            item = self.encoder.item(example, pixels)
             if failed:
                 item[IMAGE_ERRORS] = failed
             return item
@@ -160,6 +193,8 @@ class Collator:
         failed = [error for item in items for error in item.get(IMAGE_ERRORS, ())]
         if failed:
             batch[IMAGE_ERRORS] = failed
+        if STREAM_STATE in items[-1]:
+            batch[STREAM_STATE] = items[-1][STREAM_STATE]
         return batch
 
 

@@ -15,7 +15,7 @@ from train.card import Example, model_card
 from train.config import load_config
 from processing_phiclip import IMAGE_TOKEN
 from train.images import ImageResolver
-from train.records import read_records
+from train.records import is_dataset_source, read_records
 
 EXAMPLES_DIR = "examples"
 
@@ -28,6 +28,9 @@ def example_questions(data: str | Path, images: str | Path, n: int) -> list[tupl
     for record in records:
         if len(record.images) != 1:
             continue
+        if not isinstance(record.images[0], str):
+            raise ValueError(f"{data}: card examples are image files; this dataset embeds its images "
+                             "(give --examples a LLaVA JSON and --images its folder)")
         question = next(t.content for t in record.turns if t.role == "user").replace(IMAGE_TOKEN, "").strip()
         out.append((Path(resolver.resolve(record.images[0])), question))
         if len(out) == n:
@@ -42,7 +45,9 @@ def default_examples(source: str | Path, n: int) -> list[tuple[Path, str]]:
         return []
     cfg = load_config(run_config)
     data = cfg.data.eval or cfg.data.train
-    return example_questions(data, cfg.data.images, n) if data and Path(data).is_file() else []
+    if not data or not Path(data).is_file() or is_dataset_source(data):  # a dataset embeds its images: no files
+        return []
+    return example_questions(data, cfg.data.images, n)
 
 
 def answered_card(

@@ -2,7 +2,8 @@
 
 Every record that cannot be used is reported with its file, record id and reason, and
 skipped; nothing is keyed by id, so records that share an id (LLaVA-Instruct has many)
-are all kept.
+are all kept. :func:`read_records` also reads Hugging Face datasets (a Hub id, parquet/arrow
+files or folders): :mod:`train.hf_records` maps their rows onto the same records.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class Turn:
 @dataclass
 class Record:
     """One conversation. ``images`` holds one entry per ``<image>`` marker in its user turns, in order: a file name
-    (relative to the images folder) or, for datasets with embedded images, anything :func:`processing_phiclip.open_image`
-    reads (bytes, a ``datasets`` image dict, a PIL image)."""
+    (relative to the images folder), a :class:`train.images.RowImage` (an image embedded in a loaded dataset, read
+    when needed) or anything :func:`processing_phiclip.open_image` reads (bytes, a ``datasets`` image dict, a PIL
+    image)."""
 
     id: str
     turns: list[Turn]
@@ -126,15 +128,19 @@ def raw_id(raw: Any, index: int) -> str:
     return str(raw.get("id", f"#{index}")) if isinstance(raw, dict) else f"#{index}"
 
 
-def parse_record(raw: Any, source: str, index: int) -> Record:
-    """Validate one raw LLaVA record and normalise roles; raise :class:`BadRecord` with the reason."""
+def parse_record(raw: Any, source: str, index: int, images: list[Any] | None = None) -> Record:
+    """Validate one raw LLaVA record and normalise roles; raise :class:`BadRecord` with the reason.
+
+    ``images``: the record's images when the caller read them itself (a dataset's image columns), in place
+    of ``raw``'s ``image`` / ``images`` fields.
+    """
     if not isinstance(raw, dict):
         raise BadRecord(f"not an object: {type(raw).__name__}")
     rid = raw_id(raw, index)
     convs = raw.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise BadRecord("empty conversation: 'conversations' missing or empty")
-    images = _images_field(raw)
+    images = _images_field(raw) if images is None else list(images)
     turns: list[Turn] = []
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict):
@@ -188,8 +194,31 @@ def _images_field(raw: dict) -> list[Any]:
     return list(names)
 
 
+def is_dataset_source(source: str | Path) -> bool:
+    """Whether ``source`` names a Hugging Face dataset (``hf://...``, parquet/arrow files, a folder), not LLaVA JSON."""
+    text = str(source)
+    return (text.startswith("hf://") or Path(text).is_dir()
+            or text.endswith((".parquet", ".arrow")))
+
+
+def images_dir(source: str | Path, images: str | Path = "") -> str:
+    """The folder a source's image file names are relative to: ``images`` if given, else a local dataset's own
+    folder (LLaVA JSON keeps asking for ``images``)."""
+    if images or not is_dataset_source(source):
+        return str(images)
+    from train.hf_records import local_folder
+
+    folder = local_folder(str(source))
+    return str(folder) if folder is not None else ""
+
+
 def read_records(path: str | Path, limit: int = 0) -> tuple[list[Record], Report]:
-    """Read a LLaVA JSON/JSONL file; bad records are skipped and listed in the report."""
+    """Read a LLaVA JSON/JSONL file, or a dataset (:func:`is_dataset_source`, read by :mod:`train.hf_records`);
+    bad records are skipped and listed in the report. ``limit``: stop after that many usable records (0: all)."""
+    if is_dataset_source(path):
+        from train.hf_records import read_dataset_records
+
+        return read_dataset_records(str(path), limit)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")

@@ -38,11 +38,13 @@ def dataset_stats(data: str | Path, tokenizer: str, max_length: int = 2048) -> s
         turns[sum(t.role == "assistant" for t in record.turns)] += 1
     per_record = Counter(len(r.images) for r in records)
     files = {name for r in records for name in r.images if isinstance(name, str)}
+    embedded = sum(not isinstance(image, str) for r in records for image in r.images)
     lines = [
         f"{data}",
         f"records: {len(records)} usable of {report.n_read} read ({len(report.problems)} malformed)",
         f"images: {sum(len(r.images) for r in records)} in {len(records) - per_record[0]} records, "
-        f"{len(files)} distinct files, {per_record[0]} text-only records",
+        f"{len(files)} distinct files, " + (f"{embedded} embedded in the dataset, " if embedded else "")
+        + f"{per_record[0]} text-only records",
         "images per record: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_record.items())),
         "answers per record: " + ", ".join(f"{k}: {v}" for k, v in sorted(turns.items())),
     ]
