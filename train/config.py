@@ -52,9 +52,18 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    """Training data. ``train`` and ``eval`` name LLaVA JSON/JSONL or a Hugging Face dataset
+    (``hf://OWNER/NAME[:CONFIG][/SPLIT][@REVISION]``, parquet/arrow files, a folder: see
+    :mod:`train.hf_records`); ``images`` is the folder image file names are relative to (default for
+    a local dataset: its own folder)."""
+
     train: str = ""
     images: str = ""
     eval: str = ""
+    # Read data.train as a stream (datasets' IterableDataset): nothing downloaded up front; needs train.max_steps.
+    streaming: bool = False
+    # Streaming: rows shuffled together (a block of this many, held in memory, reshuffled each epoch).
+    shuffle_buffer: int = 1000
     # Fraction of train records held out for validation (deterministic by record id).
     val_fraction: float = 0.0
     max_length: int = 2048

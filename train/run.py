@@ -9,7 +9,8 @@ Run directory::
     data_report.json       records read, kept, and every skipped one with its reason
     log_history.json       the trainer's logs; loss.png plots them
     rounds.json            one entry per training round (continued runs keep earlier ones)
-    checkpoints/           trainer checkpoints, for resuming an interrupted run
+    checkpoints/           trainer checkpoints, for resuming an interrupted run (a streamed run's
+                           stream_state.json: each process's stream position and report)
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_phiclip import ADAPTER_DIR, PROJECTOR_FILE, VISION_FILE
 from train.config import RunConfig
-from train.dataset import Collator, LlavaDataset, in_validation
+from train.dataset import Collator, Encoder, LlavaDataset, in_validation
 from train.images import ImageResolver
-from train.records import Record, Report, read_records
+from train.records import Problem, Record, Report, images_dir, read_records
+from train.streaming import StreamingLlavaDataset, open_stream
+from train.transforms import english_stopwords
 from train.build import Built, build_model, default_device
 from train.lora import attach_lora, load_lora
 from train.weights import load_trainable
 from train.plots import plot_losses
 from train.rundir import MODEL_DIR, model_dir
-from train.trainer import PhiClipTrainer
+from train.trainer import STREAM_STATE_FILE, PhiClipTrainer
 
 
 def split_records(
@@ -56,7 +60,7 @@ def _dataset(cfg: RunConfig, built: Built, records: list[Record], report: Report
     return LlavaDataset(
         records,
         processor=built.processor,
-        resolver=ImageResolver(cfg.data.images),
+        resolver=ImageResolver(images_dir(cfg.data.train, cfg.data.images)),
         n_image_tokens=built.n_image_tokens,
         max_length=cfg.data.max_length,
         report=report,
@@ -118,6 +122,7 @@ def _training_args(cfg: RunConfig, out: Path, device: torch.device, dtype: torch
         dataloader_num_workers=t.dataloader_workers,
         ddp_find_unused_parameters=True,  # a batch without images leaves the projector out of the backward pass
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        ignore_data_skip=cfg.data.streaming,  # a streamed run resumes from its saved stream position instead
         report_to=t.report_to,
         disable_tqdm=False,
         eval_strategy="no",
@@ -139,28 +144,39 @@ def train(
         )
     if (out / MODEL_DIR / PROJECTOR_FILE).exists() and not resume:
         raise FileExistsError(f"{out} already holds a finished run; pick another train.output_dir or use continue_from")
+    if cfg.data.streaming:
+        _check_streaming(cfg)
     main = _is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
     device = device or _process_device()
 
-    records, report = read_records(cfg.data.train, limit=cfg.data.max_records)
     eval_ids: set[str] = set()
     if cfg.data.eval:
         eval_records, _ = read_records(cfg.data.eval)
         eval_ids = {r.id for r in eval_records}
-    train_records, val_records, leaked = split_records(records, cfg.data.val_fraction, eval_ids)
-    for record in leaked:
-        report.skip(record.source, record.id, f"in eval set: record id also appears in {cfg.data.eval}")
+    held_out = f"in eval set: record id also appears in {cfg.data.eval}"
+    if cfg.data.streaming:
+        report, train_records, val_records = Report(), [], []
+    else:
+        records, report = read_records(cfg.data.train, limit=cfg.data.max_records)
+        train_records, val_records, leaked = split_records(records, cfg.data.val_fraction, eval_ids)
+        for record in leaked:
+            report.skip(record.source, record.id, held_out)
 
     built = prepare_model(cfg, device)
     model = built.model
-    train_set = _dataset(cfg, built, train_records, report)
-    if len(train_set) == 0:
-        raise ValueError(f"no usable training records in {cfg.data.train}:\n{report.summary()}")
-    if main:
-        print(report.summary(show=10), flush=True)
+    if cfg.data.streaming:
+        train_set = _stream(cfg, built, report, eval_ids, held_out)
+        if resume and _has_checkpoint(out):
+            train_set.load_checkpoint(_saved_stream(out))
+    else:
+        train_set = _dataset(cfg, built, train_records, report)
+        if len(train_set) == 0:
+            raise ValueError(f"no usable training records in {cfg.data.train}:\n{report.summary()}")
+        if main:
+            print(report.summary(show=10), flush=True)
     val_set = _dataset(cfg, built, val_records, Report()) if val_records else None
 
     dtype = next(model.projector.parameters()).dtype
@@ -176,9 +192,14 @@ def train(
     )
     trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(out) else None)
     metrics = trainer.evaluate() if val_set is not None else {}
-    for bad_images in gather_object([train_set.bad_images]):  # images other processes found unreadable
-        for path, reason in bad_images.items():
-            train_set.exclude_image(path, reason)
+    if isinstance(train_set, StreamingLlavaDataset):  # each process read its own rows: one report of them all
+        report = _merged(gather_object([report.to_dict()]))
+        if main:
+            print(report.summary(show=10), flush=True)
+    else:
+        for bad_images in gather_object([train_set.bad_images]):  # images other processes found unreadable
+            for path, reason in bad_images.items():
+                train_set.exclude_image(path, reason)
 
     if not trainer.is_world_process_zero():
         return out
@@ -188,8 +209,55 @@ def train(
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     plot_losses(history, out / "loss.png")
-    _append_round(out, cfg, trainer.state.global_step, len(train_set), metrics)
+    n_train = report.n_kept if isinstance(train_set, StreamingLlavaDataset) else len(train_set)
+    _append_round(out, cfg, trainer.state.global_step, n_train, metrics)
     return out
+
+
+def _check_streaming(cfg: RunConfig) -> None:
+    """Settings a streamed run cannot honour are refused by name."""
+    if cfg.train.max_steps <= 0:
+        raise ValueError("data.streaming: a stream has no known length; set train.max_steps (the number of "
+                         "optimizer steps to train)")
+    if cfg.train.group_by_length:
+        raise ValueError("data.streaming: train.group_by_length needs every record's length up front; "
+                         "set train.group_by_length=false")
+    if cfg.data.val_fraction > 0:
+        raise ValueError("data.streaming: data.val_fraction holds records out of a stream it never sees whole; "
+                         "set it to 0 (evaluate on data.eval with phiclip eval)")
+
+
+def _stream(cfg: RunConfig, built: Built, report: Report, exclude_ids: set[str], reason: str) -> StreamingLlavaDataset:
+    encoder = Encoder(built.processor, ImageResolver(images_dir(cfg.data.train, cfg.data.images)),
+                      built.n_image_tokens, cfg.data.max_length, cfg.data.system_prompt,
+                      english_stopwords() if cfg.data.drop_stopwords else None, cfg.data.drop_punctuation)
+    return open_stream(cfg.data.train, encoder, report, seed=cfg.train.seed, block_rows=cfg.data.shuffle_buffer,
+                       workers=cfg.train.dataloader_workers, max_rows=cfg.data.max_records,
+                       rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)),
+                       exclude_ids=exclude_ids, exclude_reason=reason)
+
+
+def _saved_stream(out: Path) -> dict:
+    """This process's stream state in the last checkpoint (saved by every streamed run's checkpoints)."""
+    checkpoint = Path(get_last_checkpoint(str(out / "checkpoints")))
+    path = checkpoint / STREAM_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {STREAM_STATE_FILE}: it was not saved by a streamed run")
+    saved = json.loads(path.read_text())
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if len(saved) != world:
+        raise ValueError(f"{path}: saved by {len(saved)} process(es); resume a streamed run with as many, not {world}")
+    return saved[int(os.environ.get("RANK", 0))]
+
+
+def _merged(reports: list[dict]) -> Report:
+    merged = Report()
+    for r in reports:
+        merged.n_read += r["n_read"]
+        merged.n_kept += r["n_kept"]
+        merged.problems += [Problem(**p) for p in r["problems"]]
+        merged.notes.update(r["notes"])
+    return merged
 
 
 def _process_device() -> torch.device:

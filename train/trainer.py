@@ -1,20 +1,26 @@
 """HF ``Trainer`` with phiclip's checkpoint layout, a separate projector learning rate, bad images
-reported from the data loader's workers, length-grouped batches, and a forward cut down to what the
-loss reads."""
+reported from the data loader's workers, length-grouped batches, a forward cut down to what the
+loss reads, and streamed data whose position is saved with each checkpoint."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
-from torch.utils.data import SequentialSampler
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from train.dataset import IMAGE_ERRORS, EpochLengthGroupedSampler, LlavaDataset
+from train.dataset import IMAGE_ERRORS, STREAM_STATE, EpochLengthGroupedSampler, LlavaDataset
 from train.loss import loss_only_inputs, reads_boolean_logits_to_keep
+from train.streaming import StreamingLlavaDataset
 from train.weights import load_trainable
 
 logger = logging.getLogger(__name__)
+STREAM_STATE_FILE = "stream_state.json"  # in a checkpoint: each process's stream position and report, by rank
 
 
 class PhiClipTrainer(Trainer):
@@ -34,6 +40,15 @@ class PhiClipTrainer(Trainer):
             logger.warning("train.loss_only_compute: %s's forward does not take a boolean logits_to_keep; "
                            "training with the stock loss over every position", type(lm).__name__)
         self._tokens_per_image: int | None = None
+        self._stream_position: dict | None = None  # after the last streamed batch trained on
+
+    def get_train_dataloader(self) -> DataLoader:
+        """A streamed dataset is already this process's part of the stream, in order: its batches are neither
+        dispatched from the main process nor split again (what ``accelerator.prepare`` would do)."""
+        if not isinstance(self.train_dataset, StreamingLlavaDataset):
+            return super().get_train_dataloader()
+        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                          pin_memory=self.args.dataloader_pin_memory)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -92,6 +107,9 @@ class PhiClipTrainer(Trainer):
 
         Images that data loader workers could not decode are recorded here, in the main process.
         """
+        position = inputs.pop(STREAM_STATE, None)
+        if position is not None:
+            self._stream_position = position
         for path, reason in inputs.pop(IMAGE_ERRORS, ()):
             for dataset in (self.train_dataset, self.eval_dataset):
                 if isinstance(dataset, LlavaDataset):
@@ -100,12 +118,23 @@ class PhiClipTrainer(Trainer):
                 and self.label_smoother is None and self.compute_loss_func is None):
             if self._tokens_per_image is None:  # the dataset knows it without running the (maybe sharded) tower
                 data = self.train_dataset
-                self._tokens_per_image = (data.n_image_tokens if isinstance(data, LlavaDataset)
+                self._tokens_per_image = (data.n_image_tokens if isinstance(data, (LlavaDataset, StreamingLlavaDataset))
                                           else self.model.image_token_count())
             lean = loss_only_inputs(inputs, image_token_id=self.model.config.image_token_id,
                                     tokens_per_image=self._tokens_per_image)
             inputs = inputs if lean is None else lean
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint; for streamed data, first every process's stream position and report (rank 0
+        writes them; the trainer state, written last, marks the checkpoint complete)."""
+        if isinstance(self.train_dataset, StreamingLlavaDataset):
+            saved = gather_object([self.train_dataset.checkpoint(self._stream_position)])
+            if self.args.should_save:
+                folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / STREAM_STATE_FILE).write_text(json.dumps(saved))
+        super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # transformers 5 calls _save on every rank: only the one that should save writes.
