@@ -54,6 +54,15 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_to_parquet(args: argparse.Namespace) -> int:
+    from prepare.parquet import write_parquet
+
+    report = write_parquet(args.data, args.images, args.out)
+    print(report.summary(show=args.show))
+    print(f"parquet dataset: {Path(args.out) / 'data'} (train with data.train={args.out})")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from demo.run import run_demo
 
@@ -125,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.set_defaults(func=_chat)
 
-    data = sub.add_parser("data", help="inspect a LLaVA-format dataset").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="inspect a dataset (LLaVA JSON/JSONL, parquet/arrow, hf://OWNER/NAME...)")
+    data = data.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate every record and image; print a report of what would be skipped")
-    p.add_argument("data")
-    p.add_argument("--images", default="", help="images folder the records' paths are relative to")
+    p.add_argument("data", help="LLaVA JSON/JSONL, parquet/arrow file or folder, or "
+                   "hf://OWNER/NAME[:CONFIG][/SPLIT][@REVISION]")
+    p.add_argument("--images", default="", help="images folder the records' paths are relative to "
+                   "(default for a local dataset: its folder)")
     p.add_argument("--show", type=int, default=50, help="how many problems to list")
     p.add_argument("--tokenizer", default=None, help="also count records whose text spells one of this tokenizer's "
                    "special tokens (Hub name, path, offline:NAME)")
@@ -138,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="offline:smollm2-135m-instruct", help="tokenizer (Hub name, path, offline:NAME)")
     p.add_argument("--max-length", type=int, default=2048)
     p.set_defaults(func=_data_stats)
+    p = data.add_parser("to-parquet", help="write LLaVA JSON + image files as a parquet dataset with the images inside")
+    p.add_argument("data", help="LLaVA JSON/JSONL")
+    p.add_argument("out", help="output folder (parquet files go to OUT/data/)")
+    p.add_argument("--images", required=True, help="images folder the records' paths are relative to")
+    p.add_argument("--show", type=int, default=20, help="how many left-out records to list")
+    p.set_defaults(func=_data_to_parquet)
 
     for add in (add_prepare, add_eval, add_export, add_serve):
         add(sub)

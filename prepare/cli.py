@@ -10,17 +10,26 @@ from prepare.common import PrepareError
 from prepare.llava_instruct import prepare_llava_instruct
 from prepare.sources import COCO_ARCHIVE, DEFAULT_COCO_URL, DEFAULT_HUB_URL
 
+PARQUET_SUBDIR = "parquet"  # --parquet writes OUT/parquet/data/*.parquet
+
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        prepare_llava_instruct(
+        summary = prepare_llava_instruct(
             Path(args.out),
             variant="mix665k" if args.mix665k else "150k",
             hub_url=args.hub_url,
             coco_url=args.coco_url,
             skip_images=args.skip_images,
         )
-    except PrepareError as e:
+        if args.parquet:
+            from prepare.parquet import write_parquet
+
+            report = write_parquet(summary.json_path, summary.images_dir, Path(args.out) / PARQUET_SUBDIR)
+            print(report.summary(show=10), flush=True)
+            print(f"parquet dataset: {Path(args.out) / PARQUET_SUBDIR} (train with "
+                  f"data.train={Path(args.out) / PARQUET_SUBDIR})", flush=True)
+    except (PrepareError, FileExistsError, ValueError) as e:
         print(f"phiclip prepare: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -53,6 +62,11 @@ def add_subparser(subparsers) -> None:
     p.add_argument(
         "--skip-images", action="store_true",
         help="do not download/extract COCO train2017 (still checks images already present)",
+    )
+    p.add_argument(
+        "--parquet", action="store_true",
+        help=f"also write the conversations with their images inside as a parquet dataset, OUT/{PARQUET_SUBDIR} "
+        "(one folder to move to a cluster; phiclip data check and data.train read it)",
     )
     p.add_argument(
         "--hub-url", default=None, metavar="URL",
