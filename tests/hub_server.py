@@ -1,9 +1,9 @@
 """An in-memory stand-in for the Hugging Face Hub HTTP API, for tests without internet.
 
-It answers the endpoints that unmodified ``huggingface_hub`` / ``transformers`` client code uses to
-create a model repo, commit files (NDJSON, every file a "regular" git blob, no LFS or Xet) and
-download them again by branch or commit sha (``hf_hub_download``, ``snapshot_download``,
-``from_pretrained(..., trust_remote_code=True)``)::
+It answers the endpoints that unmodified ``huggingface_hub`` / ``transformers`` / ``datasets`` client
+code uses to create a model or dataset repo, commit files (NDJSON, every file a "regular" git blob, no
+LFS or Xet) and download them again by branch or commit sha (``hf_hub_download``, ``snapshot_download``,
+``from_pretrained(..., trust_remote_code=True)``, ``datasets.load_dataset``, streamed or not)::
 
     with LocalHub() as hub:
         env = hub_env(hub.url, tmp_path / "hf-home")
@@ -87,13 +87,17 @@ class Commit:
     files: dict[str, bytes]
 
 
+REPO_TYPES = ("model", "dataset")
+
+
 @dataclass
 class Repo:
-    """A model repo: its commits (oldest first) and branches (name -> commit sha)."""
+    """A model or dataset repo: its commits (oldest first) and branches (name -> commit sha)."""
 
     repo_id: str
     private: bool
     created_at: str
+    repo_type: str = "model"
     commits: list[Commit] = field(default_factory=list)
     branches: dict[str, str] = field(default_factory=dict)
 
@@ -114,45 +118,47 @@ class HubStore:
 
     def __init__(self, user: str = DEFAULT_USER) -> None:
         self.user = user
-        self._repos: dict[str, Repo] = {}
+        self._repos: dict[tuple[str, str], Repo] = {}  # (repo type, repo id) -> repo
         self._lock = threading.RLock()
         self._counter = itertools.count()
 
-    def create_repo(self, repo_id: str, private: bool = False) -> Repo:
+    def create_repo(self, repo_id: str, private: bool = False, repo_type: str = "model") -> Repo:
         """A new repo with the Hub's initial commit; ``HubError(409)`` if it exists."""
         _check_repo_id(repo_id)
+        if repo_type not in REPO_TYPES:
+            raise HubError(400, f"LocalHub hosts {' and '.join(REPO_TYPES)} repos only, not {repo_type!r}")
         with self._lock:
-            if repo_id in self._repos:
-                raise HubError(409, "You already created this model repo")
-            repo = self._repos[repo_id] = Repo(repo_id, private, _now())
+            if (repo_type, repo_id) in self._repos:
+                raise HubError(409, f"You already created this {repo_type} repo")
+            repo = self._repos[repo_type, repo_id] = Repo(repo_id, private, _now(), repo_type)
             self._add_commit(repo, DEFAULT_BRANCH, None, "initial commit", "", {".gitattributes": GITATTRIBUTES})
             return repo
 
-    def repo(self, repo_id: str) -> Repo:
+    def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         with self._lock:
-            if repo_id not in self._repos:
+            if (repo_type, repo_id) not in self._repos:
                 raise HubError(404, "Repository not found", "RepoNotFound")
-            return self._repos[repo_id]
+            return self._repos[repo_type, repo_id]
 
-    def history(self, repo_id: str) -> list[Commit]:
+    def history(self, repo_id: str, repo_type: str = "model") -> list[Commit]:
         """The repo's commits, oldest first."""
         with self._lock:
-            return list(self.repo(repo_id).commits)
+            return list(self.repo(repo_id, repo_type).commits)
 
-    def resolve(self, repo_id: str, revision: str) -> Commit:
+    def resolve(self, repo_id: str, revision: str, repo_type: str = "model") -> Commit:
         """The commit a branch name or a full commit sha points at."""
         with self._lock:
-            repo = self.repo(repo_id)
+            repo = self.repo(repo_id, repo_type)
             sha = repo.branches.get(revision, revision)
             commit = repo.commit_by_sha(sha)
             if commit is None:
                 raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             return commit
 
-    def commit(self, repo_id: str, branch: str, operations: list[dict[str, Any]]) -> Commit:
+    def commit(self, repo_id: str, branch: str, operations: list[dict[str, Any]], repo_type: str = "model") -> Commit:
         """Apply NDJSON commit ``operations`` (header first) to ``branch`` and return the new commit."""
         with self._lock:
-            repo = self.repo(repo_id)
+            repo = self.repo(repo_id, repo_type)
             if branch not in repo.branches:
                 raise HubError(404, f"Invalid rev id: {branch} (commits go to an existing branch)",
                                "RevisionNotFound")
@@ -172,7 +178,7 @@ class HubStore:
 
     def _add_commit(self, repo: Repo, branch: str, parent: str | None, title: str, message: str,
                     files: dict[str, bytes]) -> Commit:
-        identity = json.dumps([repo.repo_id, branch, parent, next(self._counter), title, message,
+        identity = json.dumps([repo.repo_type, repo.repo_id, branch, parent, next(self._counter), title, message,
                                sorted((p, git_blob_oid(b)) for p, b in files.items())])
         commit = Commit(hashlib.sha1(identity.encode()).hexdigest(), parent, title,
                         f"{title}\n\n{message}".strip(), _now(), files)
@@ -371,17 +377,25 @@ class LocalHub:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def create_repo(self, repo_id: str, private: bool = False) -> None:
+    def create_repo(self, repo_id: str, private: bool = False, repo_type: str = "model") -> None:
         """Create a repo directly (as ``HfApi.create_repo`` would)."""
-        self.store.create_repo(repo_id, private)
+        self.store.create_repo(repo_id, private, repo_type)
 
-    def commits(self, repo_id: str) -> list[str]:
+    def upload(self, repo_id: str, files: dict[str, bytes], message: str = "upload",
+               repo_type: str = "model") -> str:
+        """Commit ``files`` (path -> content) to the main branch directly; returns the commit sha."""
+        operations = [{"key": "header", "value": {"summary": message}}]
+        operations += [{"key": "file", "value": {"path": path, "content": base64.b64encode(content).decode()}}
+                       for path, content in files.items()]
+        return self.store.commit(repo_id, DEFAULT_BRANCH, operations, repo_type).sha
+
+    def commits(self, repo_id: str, repo_type: str = "model") -> list[str]:
         """The repo's commit shas, oldest first."""
-        return [c.sha for c in self.store.history(repo_id)]
+        return [c.sha for c in self.store.history(repo_id, repo_type)]
 
-    def files(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> dict[str, bytes]:
+    def files(self, repo_id: str, rev: str = DEFAULT_BRANCH, repo_type: str = "model") -> dict[str, bytes]:
         """Path -> content of every file at a branch or commit sha."""
-        return dict(self.store.resolve(repo_id, rev).files)
+        return dict(self.store.resolve(repo_id, rev, repo_type).files)
 
     def requests(self) -> list[str]:
         """Every request so far, as ``"METHOD /path -> status"``."""
@@ -435,8 +449,11 @@ class LocalHub:
     def _route(self, method: str, seg: list[str], query: dict[str, str], body: bytes,
                handler: _Handler) -> _Response | None:
         """The answer to a request, or None when no route matches."""
-        if method in ("GET", "HEAD") and len(seg) >= 5 and seg[0] != "api" and seg[2] == "resolve":
-            return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]), method)
+        model_file = seg[:1] not in (["api"], ["datasets"]) and len(seg) >= 5 and seg[2] == "resolve"
+        if method in ("GET", "HEAD") and model_file:
+            return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]), method, "model")
+        if method in ("GET", "HEAD") and seg[:1] == ["datasets"] and len(seg) >= 6 and seg[3] == "resolve":
+            return self._resolve(f"{seg[1]}/{seg[2]}", seg[4], "/".join(seg[5:]), method, "dataset")
         if seg[:1] != ["api"]:
             return None
         if method == "GET" and seg[1:] == ["whoami-v2"]:
@@ -447,22 +464,24 @@ class LocalHub:
             return self._create_repo(json.loads(body or b"{}"))
         if method == "POST" and seg[1:] == ["validate-yaml"]:
             return _json({"errors": [], "warnings": []})
-        if len(seg) < 4 or seg[1] != "models":
+        if len(seg) < 4 or seg[1] not in ("models", "datasets"):
             return None
-        repo_id, rest = f"{seg[2]}/{seg[3]}", seg[4:]
+        repo_type, repo_id, rest = seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[4:]
         if method == "GET" and not rest:
-            return self._model_info(repo_id, DEFAULT_BRANCH)
+            return self._repo_info(repo_id, DEFAULT_BRANCH, repo_type)
         if method == "GET" and len(rest) == 2 and rest[0] == "revision":
-            return self._model_info(repo_id, rest[1])
+            return self._repo_info(repo_id, rest[1], repo_type)
         if method == "GET" and len(rest) >= 2 and rest[0] == "tree":
-            return self._tree(repo_id, rest[1], "/".join(rest[2:]).strip("/"), query)
+            return self._tree(repo_id, rest[1], "/".join(rest[2:]).strip("/"), query, repo_type)
+        if method == "POST" and len(rest) == 2 and rest[0] == "paths-info":
+            return self._paths_info(repo_id, rest[1], parse_qs(body.decode()), repo_type)
         if method == "POST" and len(rest) == 2 and rest[0] in ("preupload", "commit"):
             self._require_token(handler)
             if query.get("create_pr") in ("1", "true", "True"):
                 return None  # pull requests are not modelled: log the request as unknown
             if rest[0] == "preupload":
-                return self._preupload(repo_id, rest[1], json.loads(body))
-            return self._commit(repo_id, rest[1], body)
+                return self._preupload(repo_id, rest[1], json.loads(body), repo_type)
+            return self._commit(repo_id, rest[1], body, repo_type)
         return None
 
     @staticmethod
@@ -478,29 +497,32 @@ class LocalHub:
                                      "accessToken": {"displayName": "local", "role": "write"}}}
 
     def _create_repo(self, payload: dict[str, Any]) -> _Response:
-        if payload.get("type", "model") not in (None, "model"):
-            raise HubError(400, f"LocalHub hosts model repos only, not {payload['type']!r}")
+        repo_type = payload.get("type") or "model"
         repo_id = f"{payload.get('organization') or self.store.user}/{payload['name']}"
-        url = f"{self.url}/{repo_id}"
+        url = f"{self.url}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
         try:
-            self.store.create_repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")))
+            self.store.create_repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")),
+                                   repo_type)
         except HubError as e:
             if e.status != 409:
                 raise
             return _json({"error": e.message, "url": url}, 409)
         return _json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
 
-    def _model_info(self, repo_id: str, revision: str) -> _Response:
-        repo = self.store.repo(repo_id)
-        commit = self.store.resolve(repo_id, revision)
+    def _repo_info(self, repo_id: str, revision: str, repo_type: str) -> _Response:
+        repo = self.store.repo(repo_id, repo_type)
+        commit = self.store.resolve(repo_id, revision, repo_type)
         info: dict[str, Any] = {
-            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
+            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id,
             "author": repo_id.split("/")[0], "sha": commit.sha, "lastModified": commit.date,
             "createdAt": repo.created_at, "private": repo.private, "disabled": False, "gated": False,
             "downloads": 0, "likes": 0, "tags": [],
             "siblings": [{"rfilename": p, "size": len(b), "blobId": git_blob_oid(b)}
                          for p, b in sorted(commit.files.items())],
         }
+        if repo_type == "dataset":
+            return _json(info)
+        info["modelId"] = repo_id
         try:
             config = json.loads(commit.files.get("config.json", b"null"))
         except ValueError:
@@ -512,9 +534,9 @@ class LocalHub:
         info.update({k: card[k] for k in ("pipeline_tag", "library_name") if k in card})
         return _json(info)
 
-    def _tree(self, repo_id: str, revision: str, path: str, query: dict[str, str]) -> _Response:
-        repo = self.store.repo(repo_id)
-        commit = self.store.resolve(repo_id, revision)
+    def _tree(self, repo_id: str, revision: str, path: str, query: dict[str, str], repo_type: str) -> _Response:
+        repo = self.store.repo(repo_id, repo_type)
+        commit = self.store.resolve(repo_id, revision, repo_type)
         entries = _tree_entries(commit, path, query.get("recursive", "").lower() in ("1", "true"))
         expand = query.get("expand", "").lower() in ("1", "true")
         size = min(self.page_size, 50) if expand else self.page_size
@@ -525,13 +547,28 @@ class LocalHub:
         headers = {}
         if start + size < len(entries):
             encoded_path = "/" + quote(path, safe="") if path else ""
-            next_url = (f"{self.url}/api/models/{repo_id}/tree/{quote(revision, safe='')}{encoded_path}?"
+            next_url = (f"{self.url}/api/{repo_type}s/{repo_id}/tree/{quote(revision, safe='')}{encoded_path}?"
                         + urlencode({**query, "cursor": start + size}))
             headers["Link"] = f'<{next_url}>; rel="next"'
         return _json(page, headers=headers)
 
-    def _preupload(self, repo_id: str, revision: str, payload: dict[str, Any]) -> _Response:
-        commit = self.store.resolve(repo_id, revision)
+    def _paths_info(self, repo_id: str, revision: str, form: dict[str, list[str]], repo_type: str) -> _Response:
+        """``paths-info``: the entries (files and folders) at the given paths; unknown paths are left out."""
+        commit = self.store.resolve(repo_id, revision, repo_type)
+        entries = []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in commit.files:
+                entries.append({"type": "file", "path": path, "size": len(commit.files[path]),
+                                "oid": git_blob_oid(commit.files[path])})
+            elif any(p.startswith(path + "/") for p in commit.files):
+                inside = sorted((p, git_blob_oid(b)) for p, b in commit.files.items() if p.startswith(path + "/"))
+                entries.append({"type": "directory", "path": path, "size": 0,
+                                "oid": hashlib.sha1(json.dumps(inside).encode()).hexdigest()})
+        return _json(entries, headers={"X-Repo-Commit": commit.sha})
+
+    def _preupload(self, repo_id: str, revision: str, payload: dict[str, Any], repo_type: str) -> _Response:
+        commit = self.store.resolve(repo_id, revision, repo_type)
         files = []
         for item in payload["files"]:
             existing = commit.files.get(item["path"])
@@ -539,15 +576,15 @@ class LocalHub:
                           "oid": git_blob_oid(existing) if existing is not None else None})
         return _json({"files": files, "commitOid": commit.sha})
 
-    def _commit(self, repo_id: str, revision: str, body: bytes) -> _Response:
+    def _commit(self, repo_id: str, revision: str, body: bytes, repo_type: str) -> _Response:
         operations = [json.loads(line) for line in body.splitlines() if line.strip()]
-        commit = self.store.commit(repo_id, revision, operations)
-        url = f"{self.url}/{repo_id}/commit/{commit.sha}"
+        commit = self.store.commit(repo_id, revision, operations, repo_type)
+        url = f"{self.url}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}/commit/{commit.sha}"
         return _json({"success": True, "commitOid": commit.sha, "commitUrl": url, "hookOutput": "",
                       "pullRequestUrl": None})
 
-    def _resolve(self, repo_id: str, revision: str, path: str, method: str) -> _Response:
-        commit = self.store.resolve(repo_id, revision)
+    def _resolve(self, repo_id: str, revision: str, path: str, method: str, repo_type: str) -> _Response:
+        commit = self.store.resolve(repo_id, revision, repo_type)
         if path not in commit.files:
             raise HubError(404, "Entry not found", "EntryNotFound", commit=commit.sha)
         content = commit.files[path]

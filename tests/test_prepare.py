@@ -571,6 +571,25 @@ def test_phiclip_prepare_command(server, data, tmp_path, capsys):
     assert "referenced images: 3" in capsys.readouterr().out
 
 
+def test_prepare_also_writes_a_parquet_dataset(server, data, tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from phiclip_cli import main
+    from train.check import check_dataset
+    from train.records import read_records
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
+    out = tmp_path / "o"
+    assert main(["prepare", "llava-instruct", "--out", str(out), "--parquet",
+                 "--hub-url", server.url + HUB_PREFIX, "--coco-url", server.url + COCO_PREFIX]) == 0
+    printed = capsys.readouterr().out
+    assert "5 records read, 4 kept, 1 skipped" in printed and "missing image: 000000000003.jpg" in printed
+    records, report = read_records(out / "parquet")
+    assert [r.id for r in records] == [f"{i:012d}" for i in (1, 2, 4, 5)] and not report.problems
+    assert [r.images[0].read() for r in records if r.images] == [_jpeg((255, 0, 0)), _jpeg((0, 255, 0)),
+                                                                 _jpeg((255, 0, 0))]
+    assert check_dataset(out / "parquet").n_kept == 4
+
+
 def test_cli_env_urls_and_skip_images(server, data, tmp_path, monkeypatch):
     monkeypatch.setenv("PHICLIP_HUB_URL", server.url + HUB_PREFIX)
     args = _cli(["prepare", "llava-instruct", "--out", str(tmp_path / "o"), "--skip-images"])
