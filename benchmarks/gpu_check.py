@@ -136,7 +136,8 @@ class Samples(torch.utils.data.Dataset):
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "pixel_values": self.pixels}
+        # pixel_values (1, 3, H, W): the sample's one image, as the training dataset gives it
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "pixel_values": self.pixels[None]}
 
 
 class StepTimer(TrainerCallback):
