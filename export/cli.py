@@ -39,8 +39,7 @@ def _export_vllm_lora(args: argparse.Namespace) -> int:
     print(f"routes: image questions -> model \"{names['image']}\", text-only questions -> model \"{names['text']}\"")
     stem = info["name"]
     print(f"serve it: {serve_command(out.resolve(), stem, info['max_lora_rank'])}")
-    print(f"  (this repository's vLLM CPU build: SERVED_NAME={stem}-text scripts/vllm_serve.sh {out} --enable-lora "
-          f"--lora-modules {stem}-image={out.resolve() / info['lora_dir']} --max-lora-rank {info['max_lora_rank']})")
+    print(f"  or, with this repository's vLLM CPU build: scripts/vllm_serve.sh {out}  (adds the LoRA arguments itself)")
     return 0
 
 

@@ -54,6 +54,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # vLLM 0.32's accepted --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# One adapter, two slots: vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops, 0.32) look up a base-model
+# row's slot index -1 as the *last* slot instead of skipping it, so with the default single slot a
+# text-only request batched beside an image request gets the adapter too (vllm-project/vllm PR
+# #48421, open). An empty last slot makes that lookup add zeros; on GPUs it only costs one slot.
+VLLM_MAX_LORAS = 2
 
 _LM_PREFIX = "base_model.model.model."  # PEFT's prefix + the causal LM's decoder (``lm.model``)
 _LLAVA_LM_PREFIX = "base_model.model.model.language_model."  # the same decoder inside LlavaForConditionalGeneration
@@ -119,10 +124,10 @@ def llava_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return out, tensors
 
 
-def serve_command(out: Path, name: str, max_rank: int, vllm: str = "vllm serve") -> str:
+def serve_command(out: Path, name: str, max_rank: int) -> str:
     """The ``vllm serve`` line for ``out``: the base model as ``NAME-text``, the adapter as ``NAME-image``."""
-    return (f"{vllm} {out} --served-model-name {name}-text --enable-lora "
-            f"--lora-modules {name}-image={out / LORA_DIR} --max-lora-rank {max_rank}")
+    return (f"vllm serve {out} --served-model-name {name}-text --enable-lora "
+            f"--lora-modules {name}-image={out / LORA_DIR} --max-lora-rank {max_rank} --max-loras {VLLM_MAX_LORAS}")
 
 
 def card(name: str, folder: str, rank: int, max_rank: int, text_only_base_lm: bool) -> str:
@@ -153,11 +158,16 @@ Serve it from the folder that holds this one:
 
 ```bash
 vllm serve {folder} --served-model-name {name}-text --enable-lora \\
-  --lora-modules {name}-image={folder}/{LORA_DIR} --max-lora-rank {max_rank}
+  --lora-modules {name}-image={folder}/{LORA_DIR} --max-lora-rank {max_rank} --max-loras {VLLM_MAX_LORAS}
 ```
 
 `--max-lora-rank` must be at least the adapter's rank ({rank}) and one of vLLM's values
-({ranks}). The adapter's tensor names follow `LlavaForConditionalGeneration`'s layout
+({ranks}). `--max-loras {VLLM_MAX_LORAS}` keeps a LoRA slot empty: vLLM's CPU build (seen in
+0.32) applies the adapter in its last slot to base-model requests batched beside adapter requests
+(vllm-project/vllm PR #48421), so with one slot a request to `{name}-text` answered together with
+one to `{name}-image` gets the adapter too; on GPUs the empty slot costs only memory.
+
+The adapter's tensor names follow `LlavaForConditionalGeneration`'s layout
 (`base_model.model.model.language_model.layers.N...`), which vLLM maps onto its language model;
 PEFT loads the same folder on transformers:
 `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(FOLDER), FOLDER + "/{LORA_DIR}")`.
@@ -229,6 +239,7 @@ def export_vllm_lora(
         "lora_alpha": adapter_config["lora_alpha"],
         "lora_modules": sorted({_LORA_SUFFIX.sub("", k).rsplit(".", 1)[-1] for k in tensors}),
         "max_lora_rank": max_rank,
+        "max_loras": VLLM_MAX_LORAS,
         "served_names": {"image": f"{name}-image", "text": f"{name}-text" if text_only_base_lm else f"{name}-image"},
         "text_only_base_lm": text_only_base_lm,
         "vision_tower_trained": bool(config.vision_weights),

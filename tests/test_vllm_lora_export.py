@@ -165,5 +165,5 @@ def test_cli_prints_the_vllm_command(tiny_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     name = tiny_run.name
     assert f"vllm serve {out.resolve()} --served-model-name {name}-text --enable-lora " \
-           f"--lora-modules {name}-image={out.resolve() / 'lora'} --max-lora-rank 8" in printed
+           f"--lora-modules {name}-image={out.resolve() / 'lora'} --max-lora-rank 8 --max-loras 2" in printed
     assert f'image questions -> model "{name}-image", text-only questions -> model "{name}-text"' in printed
