@@ -11,7 +11,8 @@ def _export_gguf(args: argparse.Namespace) -> int:
     from export.gguf import INFO_FILE, export_gguf
 
     out = export_gguf(args.run_dir, args.out, quants=args.quant, name=args.name, repo_id=args.repo_id,
-                      text_route=not args.no_text_route, overwrite=args.overwrite)
+                      text_route=not args.no_text_route, overwrite=args.overwrite,
+                      allow_approximate_vision=args.allow_approximate_vision)
     info = json.loads((Path(out) / INFO_FILE).read_text())
     print(f"exported {args.run_dir} -> {out}")
     for file, size in info["files"].items():
@@ -19,6 +20,9 @@ def _export_gguf(args: argparse.Namespace) -> int:
     cosine = info["vision_cosine_min"]
     print(f"image features: {info['vision']}; llama.cpp vs PhiClip per-token cosine (min) "
           f"{cosine['square']:.5f} square, {cosine['wide_3x2']:.5f} 3:2")
+    if not info["vision_exact"]:
+        print("warning: llama.cpp's image features are approximate (--allow-approximate-vision); the figures above "
+              "are in the card and phiclip_gguf.json")
     lm = next(f for f in info["files"] if f.endswith(f"-{info['default_quant'].upper()}.gguf")
               or f.endswith(f"-{info['default_quant']}.gguf"))
     mmproj = next(f for f in info["files"] if f.startswith("mmproj-"))
@@ -46,8 +50,9 @@ def _export_vllm_lora(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         return _export_gguf(args)
-    if args.quant or args.repo_id or args.no_text_route:
-        raise SystemExit("--quant, --repo-id and --no-text-route apply to --format gguf only")
+    if args.quant or args.repo_id or args.no_text_route or args.allow_approximate_vision:
+        raise SystemExit("--quant, --repo-id, --no-text-route and --allow-approximate-vision apply to --format gguf "
+                         "only")
     if args.format == "vllm-lora":
         return _export_vllm_lora(args)
     if args.name:
@@ -89,4 +94,8 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--repo-id", help="gguf: Hub repository the card's commands name (default OWNER/<name>-GGUF)")
     p.add_argument("--no-text-route", action="store_true",
                    help="gguf: skip the base LM + LoRA adapter files of the text-only route")
+    p.add_argument("--allow-approximate-vision", action="store_true",
+                   help="gguf: export a CLIP tower with vision_feature_select_strategy 'default' without its class "
+                   "token (the pinned llama.cpp cannot keep it in attention and then drop it); refused without this "
+                   "flag. The export measures and reports the per-token cosine. SigLIP + 'full' is exact")
     p.set_defaults(func=_export)

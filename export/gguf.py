@@ -9,9 +9,12 @@ Written to ``OUT`` (names chosen so that ``llama-server -hf OWNER/REPO`` pairs m
   adapter, for PhiClip's text-only route (adapter off for questions without an image);
 * ``Modelfile`` (+ ``Modelfile.text-only``), ``README.md`` (the card), ``phiclip_gguf.json``.
 
-Every refusal happens before anything is written. After writing, the export runs llama.cpp on
-two probe pictures (square and 3:2) and records the per-token cosine between llama.cpp's image
-embeddings and PhiClip's ``get_image_features`` in the card and in ``phiclip_gguf.json``.
+Every refusal happens before anything is written: a model llama.cpp cannot compute exactly is
+refused, naming the setting and why; a CLIP tower with strategy ``default`` is exported without
+its class token only when the caller accepts that (``allow_approximate_vision``,
+``--allow-approximate-vision``). After writing, the export runs llama.cpp on two probe pictures
+(square and 3:2) and records the per-token cosine between llama.cpp's image embeddings and
+PhiClip's ``get_image_features`` in the card and in ``phiclip_gguf.json``.
 """
 
 from __future__ import annotations
@@ -103,14 +106,17 @@ def export_gguf(
     repo_id: str | None = None,
     text_route: bool = True,
     overwrite: bool = False,
+    allow_approximate_vision: bool = False,
     llama: LlamaCpp | None = None,
 ) -> Path:
     """Write the GGUF export of ``source`` (run directory, PhiClip folder or Hub repo id) to ``out``; returns ``out``.
 
     ``quants``: llama.cpp types besides f16 (``q8_0``, ``q4_k_m``, ...). ``text_route``: also write
     the base LM and the LoRA adapter (models with an adapter only). ``repo_id``: named in the card's
-    commands (default ``OWNER/<name>-GGUF``). Raises :class:`export.mmproj.GGUFExportError` for models
-    llama.cpp cannot run, :class:`export.llamacpp.LlamaCppError` when its environment is missing.
+    commands (default ``OWNER/<name>-GGUF``). ``allow_approximate_vision``: export a CLIP tower with
+    strategy ``default`` without its class token (refused otherwise; see :func:`export.mmproj.plan_vision`).
+    Raises :class:`export.mmproj.GGUFExportError` for models llama.cpp cannot run,
+    :class:`export.llamacpp.LlamaCppError` when its environment is missing.
     """
     where = locate(source)
     out = Path(out)
@@ -121,7 +127,7 @@ def export_gguf(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
     config = PhiClipConfig.from_pretrained(where)
-    plan = mmproj.plan_vision(config)
+    plan = mmproj.plan_vision(config, allow_approximate=allow_approximate_vision)
     extra = _quants(quants)
     has_adapter = config.adapter_subfolder is not None
     text_route = bool(text_route and has_adapter and getattr(config, "text_only_base_lm", True))
@@ -200,6 +206,7 @@ def export_gguf(
     info = {"source": str(source), "name": name, "files": {**lm_files, names["mmproj"]: facts.mmproj_size,
                                                            **text_files},
             "llama_cpp_python": llama.version, "vision": plan.note, "vision_exact": plan.exact,
+            "approximate_vision_allowed": allow_approximate_vision,
             "vision_cosine_min": {"square": cos_square, "wide_3x2": cos_wide},
             "image_aspect": facts.image_aspect, "pad_colour": list(pad),
             "llama_cpp_pad_colour": list(mmproj.LLAMACPP_PAD_COLOUR), "media_marker": gguf_lm.MEDIA_MARKER,

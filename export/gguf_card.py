@@ -209,7 +209,9 @@ Ollama and LM Studio cannot switch an adapter per request: create a second model
 the merged model for everything (text-only answers then come from the adapted model, not the base).
 """
     exact = ("llama.cpp computes exactly PhiClip's image features." if f.vision_exact else
-             f"Image features are {f.vision}. See *Image features* below.")
+             f"Image features are {f.vision} (exported with `--allow-approximate-vision`; llama.cpp "
+             f"{f.llama_cpp_python} has no exact form). Per-token cosine against PhiClip's, measured at export: "
+             f"{f.cosine_square:.5f} (minimum, square picture). See *Image features* below.")
     return f"""---
 license: mit
 library_name: gguf

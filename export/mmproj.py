@@ -15,11 +15,13 @@ What llama.cpp 0.3.36 computes for this projector type (``tools/mtmd/models/llav
 * The rows handed to the projector are ``1..N`` of ``[patch_1 .. patch_N, CLS]`` (``patches[i] =
   i + patch_offset``, ``patch_offset = 1`` when a class embedding exists): the first patch is
   dropped and the class token kept. No key or projector type changes that for this graph, so
-  PhiClip's ``default`` strategy (CLS in attention, then dropped) has no exact form. A CLIP tower
-  is therefore written WITHOUT its class embedding (patches attend to each other only, position
-  rows ``p1 .. pN``): one token per patch, in PhiClip's order, a close approximation whose
-  measured cosine the export reports (:data:`CLASS_TOKEN_APPROXIMATED`).
-* Towers without a class token (SigLIP) are exact with strategy ``full``.
+  PhiClip's ``default`` strategy (CLS in attention, then dropped) has no exact form, and a CLIP
+  tower is refused unless the caller accepts an approximation (``--allow-approximate-vision``):
+  then it is written WITHOUT its class embedding (patches attend to each other only, position
+  rows ``p1 .. pN``): one token per patch, in PhiClip's order, close but not exact (minimum
+  per-token cosine 0.994 measured on a shapes-trained CLIP tower), which the export measures and
+  reports (:data:`CLASS_TOKEN_APPROXIMATED`).
+* Towers without a class token (SigLIP) are exact with strategy ``full`` (the offline demo's).
 
 Both llama.cpp behaviours are checked against the installed llama.cpp by the GGUF test tier, so
 that a release that fixes them is noticed (``tests/test_gguf_llamacpp.py``).
@@ -32,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from export.llamacpp import LLAMA_CPP_PYTHON_VERSION
 
 PROJECTOR_TYPE = "mlp"
 # llama.cpp 0.3.36 places CLS last but assigns positions CLS-first; rows are written rotated to compensate.
@@ -66,13 +70,15 @@ class VisionPlan:
     note: str
 
 
-def plan_vision(config) -> VisionPlan:
+def plan_vision(config, allow_approximate: bool = False) -> VisionPlan:
     """Check that llama.cpp can represent the model's image path; raise :class:`GGUFExportError` naming what not.
 
     ``config``: a ``PhiClipConfig``. Refused: ``image_features: pooled``; a tower that is not CLIP or
     SigLIP; ``vision_feature_select_strategy: full`` with a CLIP tower (llama.cpp emits one token per
     patch); ``default`` with a SigLIP tower (PhiClip drops the first patch, llama.cpp keeps it);
-    repeated feature layers; a tower or projector activation ggml does not have.
+    ``default`` with a CLIP tower unless ``allow_approximate`` (llama.cpp cannot keep the class
+    token in attention and then drop it: the plan leaves it out, see the module notes); repeated
+    feature layers; a tower or projector activation ggml does not have.
     """
     if config.image_features != "patches":
         raise GGUFExportError(
@@ -120,6 +126,17 @@ def plan_vision(config) -> VisionPlan:
     layers = tuple(sorted(absolute))
     order = tuple(absolute.index(layer) for layer in layers)
     if has_cls and CLASS_TOKEN_APPROXIMATED:
+        if not allow_approximate:
+            raise GGUFExportError(
+                "vision_feature_select_strategy 'default' with a CLIP tower: llama.cpp "
+                f"{LLAMA_CPP_PYTHON_VERSION} (llama-cpp-python) cannot reproduce it exactly. Its LLaVA graph appends "
+                "the class token after the patches and keeps rows 1..N, so it drops the first patch and keeps the "
+                "class token; no projector type or key keeps CLIP's class token in attention and then drops it. "
+                "To export it without the class token (close, not exact: the export measures and reports the "
+                "per-token cosine), pass --allow-approximate-vision to `phiclip export --format gguf` (then push "
+                "that folder with `phiclip push FOLDER REPO --gguf`); for an exact export, train with a SigLIP "
+                "tower and vision_feature_select_strategy 'full'."
+            )
         note = ("approximate: llama.cpp's LLaVA graph cannot keep CLIP's class token in attention and then drop it "
                 "(it drops the first patch instead), so the mmproj leaves the class token out")
         return VisionPlan(layers, order, True, False, note)

@@ -18,6 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from configuration_phiclip import PhiClipConfig
 from export import gguf_card, gguf_lm, mmproj
 from export.gguf import export_gguf, file_names
+from export.llamacpp import LLAMA_CPP_PYTHON_VERSION
 from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import PhiClipProcessor
 
@@ -74,10 +75,46 @@ def test_siglip_default_is_refused_and_full_is_exact(tiny_run):
     assert plan.exact and not plan.has_class_token and plan.layers == (1,)
 
 
-def test_clip_default_is_written_without_its_class_token_and_says_so(tiny_run):
-    plan = mmproj.plan_vision(_config(tiny_run))
+def test_clip_default_is_refused_unless_an_approximation_is_allowed(tiny_run):
+    config = _config(tiny_run)
+    assert config.vision_config.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "default"
+    with pytest.raises(mmproj.GGUFExportError) as refused:
+        mmproj.plan_vision(config)
+    message = str(refused.value)
+    assert "vision_feature_select_strategy 'default' with a CLIP tower" in message
+    assert f"llama.cpp {LLAMA_CPP_PYTHON_VERSION}" in message and "keeps rows 1..N" in message
+    assert "--allow-approximate-vision" in message and "SigLIP" in message and "'full'" in message
+    plan = mmproj.plan_vision(config, allow_approximate=True)
     assert not plan.exact and plan.has_class_token
-    assert "class token" in plan.note
+    assert plan.note.startswith("approximate") and "class token" in plan.note
+
+
+def test_cli_flag_reaches_the_export_and_is_refused_for_other_formats(monkeypatch, capsys):
+    import argparse
+
+    import export.gguf
+    from export import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_subparser(parser.add_subparsers())
+    seen = {}
+
+    def fake_export(source, out, **kwargs):
+        seen.update(kwargs)
+        raise mmproj.GGUFExportError("stop here")
+
+    monkeypatch.setattr(export.gguf, "export_gguf", fake_export)
+    args = parser.parse_args(["export", "run", "out", "--format", "gguf", "--allow-approximate-vision"])
+    with pytest.raises(mmproj.GGUFExportError, match="stop here"):
+        args.func(args)
+    assert seen["allow_approximate_vision"] is True
+    args = parser.parse_args(["export", "run", "out", "--format", "gguf"])
+    with pytest.raises(mmproj.GGUFExportError):
+        args.func(args)
+    assert seen["allow_approximate_vision"] is False
+    args = parser.parse_args(["export", "run", "out", "--allow-approximate-vision"])
+    with pytest.raises(SystemExit, match="--allow-approximate-vision apply to --format gguf only"):
+        args.func(args)
 
 
 def test_refusals_happen_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
@@ -86,15 +123,17 @@ def test_refusals_happen_before_anything_is_written(tiny_run, tmp_path, monkeypa
     config = json.loads((folder / "config.json").read_text())
     config["vision_feature_select_strategy"] = "full"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(mmproj.GGUFExportError, match="vision_feature_select_strategy"):
-        export_gguf(folder, tmp_path / "out")
+    with pytest.raises(mmproj.GGUFExportError, match="vision_feature_select_strategy 'full'"):
+        export_gguf(folder, tmp_path / "out", allow_approximate_vision=True)
+    monkeypatch.setenv("PHICLIP_LLAMA_PYTHON", str(tmp_path / "no-such-python"))  # refused before llama.cpp is sought
+    with pytest.raises(mmproj.GGUFExportError, match="'default' with a CLIP tower.*--allow-approximate-vision"):
+        export_gguf(tiny_run, tmp_path / "out")
     with pytest.raises(mmproj.GGUFExportError, match="--quant q3_x"):
-        export_gguf(tiny_run, tmp_path / "out", quants=["q8_0", "q3_x"])
-    monkeypatch.setenv("PHICLIP_LLAMA_PYTHON", str(tmp_path / "no-such-python"))
+        export_gguf(tiny_run, tmp_path / "out", quants=["q8_0", "q3_x"], allow_approximate_vision=True)
     from export.llamacpp import LlamaCppError
 
     with pytest.raises(LlamaCppError, match="scripts/llamacpp_setup.sh"):
-        export_gguf(tiny_run, tmp_path / "out")
+        export_gguf(tiny_run, tmp_path / "out", allow_approximate_vision=True)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -103,7 +142,7 @@ def test_refusals_happen_before_anything_is_written(tiny_run, tmp_path, monkeypa
 
 def test_mmproj_holds_the_tower_projector_and_hyper_parameters(loaded, tmp_path):
     model, processor = loaded
-    plan = mmproj.plan_vision(model.config)
+    plan = mmproj.plan_vision(model.config, allow_approximate=True)
     path = mmproj.write_mmproj(model, processor.image_processor, tmp_path / "mmproj.gguf", name="t", plan=plan,
                                llama_cpp_version="0.3.36")
     fields, tensors, types = _read(path)
@@ -149,9 +188,39 @@ def test_mmproj_holds_the_tower_projector_and_hyper_parameters(loaded, tmp_path)
     assert types["v.blk.0.attn_q.bias"] == types["v.pre_ln.weight"] == "F32"
 
 
+def test_siglip_mmproj_holds_every_patch_position_and_no_class_token(tiny_run, tmp_path):
+    """The demo's case: a SigLIP tower (patch bias, no class token, no pre-norm, tanh GELU) with 'full'."""
+    from transformers import CLIPImageProcessorPil, SiglipVisionConfig
+
+    config = _config(tiny_run, vision_feature_select_strategy="full", vision_feature_layer=-1)
+    config.vision_config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=32, patch_size=8,
+                                              vision_use_head=False)
+    torch.manual_seed(0)
+    model = PhiClipForCausalLM(config).eval()
+    plan = mmproj.plan_vision(config)
+    assert plan.exact and plan.layers == (2,)
+    image_processor = CLIPImageProcessorPil(image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                            image_std=[0.26862954, 0.26130258, 0.27577711])
+    fields, tensors, _ = _read(mmproj.write_mmproj(model, image_processor, tmp_path / "m.gguf", name="s", plan=plan,
+                                                   llama_cpp_version="0.3.36"))
+    assert fields["clip.use_gelu"] is True  # gelu_pytorch_tanh: ggml's gelu
+    assert fields["clip.vision.block_count"] == 2 and fields["clip.vision.feature_layer"] == [2]
+    assert fields["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(1e-6)
+    assert fields["phiclip.vision_exact"] is True
+    tower = {k.removeprefix("vision_model."): v for k, v in model.vision_tower.state_dict().items()}
+    positions = tower["embeddings.position_embedding.weight"].numpy()
+    assert positions.shape[0] == 16
+    np.testing.assert_allclose(tensors["v.position_embd.weight"], positions, atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(tensors["v.patch_embd.bias"], tower["embeddings.patch_embedding.bias"].numpy())
+    assert "v.class_embd" not in tensors and "v.pre_ln.weight" not in tensors
+    assert {"v.blk.1.attn_q.weight", "v.blk.1.ffn_down.weight"} <= set(tensors)
+    assert not any(name.startswith("v.post_ln") for name in tensors)  # hidden_states[-1] is before post_layernorm
+
+
 def test_class_token_plan_rotates_position_rows(loaded):
     model, _ = loaded
-    plan = mmproj.plan_vision(model.config)
+    plan = mmproj.plan_vision(model.config, allow_approximate=True)
     kept = mmproj.VisionPlan(plan.layers, plan.order, True, True, "class token kept")
     tensors = mmproj.mmproj_tensors(model, kept)
     positions = model.vision_tower.state_dict()
@@ -164,7 +233,7 @@ def test_several_feature_layers_are_stacked_in_llamacpp_order(tiny_run):
     config = _config(tiny_run, vision_feature_layer=[-1, 0])
     torch.manual_seed(0)
     model = PhiClipForCausalLM(config).eval()
-    plan = mmproj.plan_vision(config)
+    plan = mmproj.plan_vision(config, allow_approximate=True)
     assert plan.layers == (0, 2) and plan.order == (1, 0)
     tensors = mmproj.mmproj_tensors(model, plan)
     weight = model.projector.linear_1.weight.detach().numpy()
@@ -179,7 +248,7 @@ def test_square_mlp_is_stored_as_llamacpp_will_unswap_it(tiny_run):
     config.vision_config.intermediate_size = config.vision_config.hidden_size
     torch.manual_seed(0)
     model = PhiClipForCausalLM(config).eval()
-    tensors = mmproj.mmproj_tensors(model, mmproj.plan_vision(config))
+    tensors = mmproj.mmproj_tensors(model, mmproj.plan_vision(config, allow_approximate=True))
     tower = {k.removeprefix("vision_model."): v for k, v in model.vision_tower.state_dict().items()}
     np.testing.assert_array_equal(tensors["v.blk.0.ffn_down.weight"], tower["encoder.layers.0.mlp.fc1.weight"])
     np.testing.assert_array_equal(tensors["v.blk.0.ffn_up.weight"], tower["encoder.layers.0.mlp.fc2.weight"])
@@ -336,3 +405,6 @@ def test_card_names_files_commands_and_measured_figures():
     assert "0.99812" in text and "0.99345" in text and "RGB (127, 127, 127) (llama.cpp: (122, 116, 104))" in text
     assert "  - HuggingFaceTB/x" in text and "/tmp/t" not in text
     assert "--no-repack" in text and "0.3.36" in text and "approximate" in text
+    assert "--allow-approximate-vision" in text
+    exact = gguf_card.card(gguf_card.CardFacts(**{**facts.__dict__, "vision": "exact", "vision_exact": True}))
+    assert "llama.cpp computes exactly PhiClip's image features" in exact and "--allow-approximate-vision" not in exact

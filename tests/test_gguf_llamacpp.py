@@ -1,9 +1,11 @@
 """The GGUF export checked in llama.cpp itself (llama-cpp-python 0.3.36 in .venv-llama): ``make test-gguf``.
 
 Tiny models (seconds) check files, prompts, image embeddings, answers and the two llama.cpp bugs
-the mmproj works around; the trained demo (``runs/demo``, when present) checks the floors:
-exact match >= 0.90 (f16 and q8_0) on its held-out questions, >= 98 % agreement with PhiClip's own
-greedy answers (f16), and the text-only route naming Paris.
+the mmproj works around (a tiny CLIP tower exported with ``allow_approximate_vision``; a tiny SigLIP
+tower, exact); the trained demo (``runs/demo``, when present: a SigLIP tower with ``full``) checks
+the floors: per-token cosine >= 0.999 between llama.cpp's image embeddings and PhiClip's on every
+held-out image, exact match >= 0.90 (f16 and q8_0) on its held-out questions, >= 98 % agreement
+with PhiClip's own greedy answers (f16), and the text-only route naming Paris.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def _load(folder: Path):
 
 @pytest.fixture(scope="module")
 def clip_export(tiny_run, tmp_path_factory) -> Path:
-    return export_gguf(tiny_run, tmp_path_factory.mktemp("gguf") / "clip", quants=["q8_0"], name="tiny")
+    """The tiny CLIP run (strategy 'default'), exported without its class token: llama.cpp's approximate case."""
+    return export_gguf(tiny_run, tmp_path_factory.mktemp("gguf") / "clip", quants=["q8_0"], name="tiny",
+                       allow_approximate_vision=True)
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +209,12 @@ def test_clip_default_image_embeddings_are_close_without_the_class_token(clip_ex
     cosine = _cos(theirs, ours)
     print(f"tiny CLIP, class token left out: per-token cosine min {cosine.min():.5f} mean {cosine.mean():.5f}")
     assert cosine.min() >= 0.99
+    info = json.loads((clip_export / INFO_FILE).read_text())
+    assert info["vision_exact"] is False and info["approximate_vision_allowed"] is True
+    recorded = info["vision_cosine_min"]["square"]  # the export's own check, on the same picture
+    assert recorded == pytest.approx(float(cosine.min()), abs=1e-5)
+    card = (clip_export / "README.md").read_text()
+    assert "--allow-approximate-vision" in card and f"{recorded:.5f}" in card
 
 
 def _class_token_features(model, processor, picture):
@@ -216,7 +226,7 @@ def _class_token_features(model, processor, picture):
 
 def _kept_class_token_mmproj(model, processor, path: Path, rotate: bool, monkeypatch) -> Path:
     monkeypatch.setattr(mmproj, "ROTATE_POSITIONS", rotate)
-    plan = mmproj.plan_vision(model.config)
+    plan = mmproj.plan_vision(model.config, allow_approximate=True)
     kept = mmproj.VisionPlan(plan.layers, plan.order, True, True, "class token kept")
     return mmproj.write_mmproj(model, processor.image_processor, path, name="t", plan=kept, llama_cpp_version="")
 
@@ -317,7 +327,7 @@ def smollm2_export(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("smollm2")
     run = build_tiny_run(root, resolve(f"offline:{SMOLLM2}"), save_tiny_clip(root / "clip"), steps=1)
-    return run, export_gguf(run, root / "gguf", name="smol")
+    return run, export_gguf(run, root / "gguf", name="smol", allow_approximate_vision=True)
 
 
 def test_text_only_route_names_paris_with_a_real_lm(smollm2_export):
@@ -349,6 +359,30 @@ def demo_items() -> list[dict]:
     rows = [json.loads(line) for line in (DEMO / "answers.jsonl").read_text().splitlines()]
     return [{"id": str(i), "image": row["image"], "question": row["question"].replace("<image>", "").strip(),
              "answer": row["answer"], "references": row["references"]} for i, row in enumerate(rows) if row["image"]]
+
+
+@needs_demo
+def test_demo_image_embeddings_match_phiclip_on_every_held_out_image(demo_export, demo_items, tmp_path):
+    """The demo's SigLIP tower with 'full' is exact in llama.cpp: cosine >= 0.999 for every token of every image."""
+    model, processor = _load(DEMO / "model")
+    info = json.loads((demo_export / INFO_FILE).read_text())
+    assert info["vision_exact"] is True and info["approximate_vision_allowed"] is False
+    assert info["pad_colour"] == info["llama_cpp_pad_colour"] == list(mmproj.LLAMACPP_PAD_COLOUR)
+    images = sorted({item["image"] for item in demo_items})
+    width = model.config.text_config.hidden_size
+    cosines = []
+    for i, image in enumerate(images):
+        theirs = _embed(demo_export / "demo-f16.gguf", demo_export / "mmproj-demo-f16.gguf", Path(image), width,
+                        tmp_path / f"e{i}.npy")
+        with torch.no_grad():
+            ours = model.get_image_features(processor.image_pixels([image]))[0].numpy()
+        assert theirs.shape == ours.shape == (16, width), image
+        cosines.append(_cos(theirs, ours))
+    cosine = np.concatenate(cosines)
+    print(f"demo in llama.cpp: per-token cosine vs PhiClip on {len(images)} held-out images: "
+          f"min {cosine.min():.5f}, mean {cosine.mean():.6f}")
+    assert len(images) >= 50
+    assert cosine.min() >= 0.999
 
 
 @needs_demo
