@@ -380,7 +380,7 @@ def test_demo_image_embeddings_match_phiclip_on_every_held_out_image(demo_export
         cosines.append(_cos(theirs, ours))
     cosine = np.concatenate(cosines)
     print(f"demo in llama.cpp: per-token cosine vs PhiClip on {len(images)} held-out images: "
-          f"min {cosine.min():.5f}, mean {cosine.mean():.6f}")
+          f"min {cosine.min():.7f}, mean {cosine.mean():.7f}")
     assert len(images) >= 50
     assert cosine.min() >= 0.999
 
