@@ -17,19 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from chat.assistant import locate
-from export.gguf import INFO_FILE, export_gguf, probe_picture
-from export.llamacpp import find_llamacpp
-from modeling_phiclip import PhiClipForCausalLM
-from processing_phiclip import PhiClipProcessor
+# This file is named gguf.py: with its folder first on the path, `import gguf` (the GGUF library, which the
+# export uses) would import this script again. The folder goes last, for benchmarks/generate.py.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from generate import chat_history  # benchmarks/generate.py (this folder is on the path when run as a script)
+from chat.assistant import load_parts, locate  # noqa: E402
+from export.gguf import INFO_FILE, export_gguf, probe_picture  # noqa: E402
+from export.llamacpp import find_llamacpp  # noqa: E402
+from generate import chat_history  # noqa: E402  (benchmarks/generate.py)
 
 QUANTS = ("f16", "Q8_0", "Q4_K_M")
 QUESTION = "Describe the image in detail."
@@ -80,8 +83,8 @@ def main() -> None:
             raise SystemExit(f"missing GGUF files: {', '.join(missing)} (export with --quant q8_0 q4_k_m)")
         mmproj = folder / f"mmproj-{name}-f16.gguf"
 
-        model = PhiClipForCausalLM.from_pretrained(where, dtype=torch.float32, merge_adapter=True).eval()
-        processor = PhiClipProcessor.from_pretrained(where)
+        model, processor = load_parts(where, dtype=torch.float32, merge_adapter=True)
+        model.eval()
         side = int(model.config.vision_config.image_size)
         picture = probe_picture(side, side)
         picture.save(work / "image.png")

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from chat.assistant import locate
+from chat.assistant import load_parts, locate
 from configuration_phiclip import PhiClipConfig
 from export import gguf_card, gguf_lm, mmproj
 from export.checkpoint import _target_dtype
 from export.llamacpp import LlamaCpp, find_llamacpp
 from modeling_phiclip import ADAPTER_DIR, PhiClipForCausalLM
-from processing_phiclip import PhiClipProcessor
 
 INFO_FILE = "phiclip_gguf.json"
 TEXT_DIR = "text-only"
@@ -134,14 +133,14 @@ def export_gguf(
     folder = Path(where)
     if text_route and folder.is_dir():
         gguf_lm.check_adapter(folder / (config.adapter_subfolder or ADAPTER_DIR))
-    llama = llama or find_llamacpp()
     if name is None:
         name = Path(where).parent.name if Path(where).name == "model" else Path(where).name.split("/")[-1]
     repo_id = repo_id or f"OWNER/{name}-GGUF"
     names = file_names(name, extra)
 
-    model = PhiClipForCausalLM.from_pretrained(where, dtype=torch.float32, merge_adapter=True).eval()
-    processor = PhiClipProcessor.from_pretrained(where)
+    model, processor = load_parts(source, dtype=torch.float32, merge_adapter=True)  # PhiClip's own code only
+    model.eval()
+    llama = llama or find_llamacpp()
     dtype = _target_dtype("auto", model)
     template = gguf_lm.gguf_chat_template(processor.chat_template)
     turns = gguf_card.chat_turns(lambda messages, gen: processor.render(messages, add_generation_prompt=gen))

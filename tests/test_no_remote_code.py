@@ -1,5 +1,5 @@
 """PhiClip's own commands run only PhiClip's code: a folder whose configs ask for other code is refused, naming the
-file and the class, by chat, serve, eval, export (both formats) and push, and nothing of the planted code runs."""
+file and the class, by chat, serve, eval, export (every format) and push, and nothing of the planted code runs."""
 
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ def _commands(run: Path, tmp_path: Path) -> dict:
         "serve": lambda: load_engine(run, ServeConfig(whisper_model=None, ui=False)),
         "eval": lambda: phiclip_cli.main(["eval", str(run), str(data), "--images", str(tmp_path)]),
         "export": lambda: phiclip_cli.main(["export", str(run), str(tmp_path / "llava")]),
+        "export gguf": lambda: phiclip_cli.main(["export", str(run), str(tmp_path / "gguf"), "--format", "gguf",
+                                                 "--allow-approximate-vision"]),
+        "export vllm-lora": lambda: phiclip_cli.main(["export", str(run), str(tmp_path / "lora"),
+                                                      "--format", "vllm-lora"]),
         "push": lambda: phiclip_cli.main(["push", str(run), "someone/planted"]),
     }
 
