@@ -223,8 +223,8 @@ def make_processor(tokenizer, image_processor, vision_config, strategy: str, n_i
     return processor
 
 
-def prepare_out(source: str | Path, out: str | Path, overwrite: bool) -> Path:
-    """Check that ``out`` may be written (outside ``source``; empty, or ``overwrite``) and clear it; returns it.
+def check_out(source: str | Path, out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a path, once checked: outside ``source``, and empty unless ``overwrite``. Writes nothing.
 
     Raises :class:`ExportError` for a folder inside the source, ``FileExistsError`` for a
     non-empty one without ``overwrite``.
@@ -233,10 +233,26 @@ def prepare_out(source: str | Path, out: str | Path, overwrite: bool) -> Path:
     src = Path(source).resolve()
     if Path(source).is_dir() and (out.resolve() == src or src in out.resolve().parents):
         raise ExportError(f"export folder {out} must lie outside {source}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    return out
+
+
+def partial_folder(out: Path) -> Path:
+    """An empty ``OUT.partial`` folder: an export writes there, and :func:`finish_out` puts it in place of
+    ``out`` once complete, so a failed export leaves an earlier one as it was."""
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_out(partial: Path, out: Path) -> Path:
+    """Replace ``out`` (if any) by the complete ``partial`` folder; returns ``out``."""
+    if out.exists():
         shutil.rmtree(out)
+    partial.rename(out)
     return out
 
 
@@ -288,18 +304,14 @@ def export_run(
     The merge itself is done in float32 and the result cast afterwards.
     """
     where = locate(source)
-    out = prepare_out(source, out, overwrite)
+    out = check_out(source, out, overwrite)
     device = device or torch.device("cpu")
     config = PhiClipConfig.from_pretrained(where)
     check_exportable(config)
     merged_adapter = config.adapter_subfolder is not None
     model, phiclip_processor = load_parts(source, dtype=torch.float32, device_map=str(device), merge_adapter=True)
     target = _target_dtype(dtype, model)
-
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_folder(out)
     written = write_llava(model, phiclip_processor, tmp, target, shard_bytes)
     info = {
         "source": str(source),
@@ -318,7 +330,4 @@ def export_run(
         ),
     }
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    return finish_out(tmp, out)

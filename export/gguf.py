@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from chat.assistant import load_parts, locate
 from configuration_phiclip import PhiClipConfig
 from export import gguf_card, gguf_lm, mmproj
-from export.checkpoint import _target_dtype
+from export.checkpoint import _target_dtype, check_out, finish_out, partial_folder
 from export.llamacpp import LlamaCpp, find_llamacpp
 from modeling_phiclip import ADAPTER_DIR, PhiClipForCausalLM
 
@@ -118,13 +118,6 @@ def export_gguf(
     :class:`export.llamacpp.LlamaCppError` when its environment is missing.
     """
     where = locate(source)
-    out = Path(out)
-    if Path(source).is_dir():
-        src = Path(source).resolve()
-        if out.resolve() == src or src in out.resolve().parents:
-            raise mmproj.GGUFExportError(f"export folder {out} must lie outside {source}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (use --overwrite to replace it)")
     config = PhiClipConfig.from_pretrained(where)
     plan = mmproj.plan_vision(config, allow_approximate=allow_approximate_vision)
     extra = _quants(quants)
@@ -137,6 +130,7 @@ def export_gguf(
         name = Path(where).parent.name if Path(where).name == "model" else Path(where).name.split("/")[-1]
     repo_id = repo_id or f"OWNER/{name}-GGUF"
     names = file_names(name, extra)
+    out = check_out(source, out, overwrite)
 
     model, processor = load_parts(source, dtype=torch.float32, merge_adapter=True)  # PhiClip's own code only
     model.eval()
@@ -148,10 +142,7 @@ def export_gguf(
     if turns.assistant[1].strip() and turns.assistant[1].strip() not in stops:
         stops.append(turns.assistant[1].strip())
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_folder(out)
     with tempfile.TemporaryDirectory(prefix="phiclip-gguf-") as scratch:
         work = Path(scratch)
         tokenizer = processor.tokenizer
@@ -211,7 +202,4 @@ def export_gguf(
             "llama_cpp_pad_colour": list(mmproj.LLAMACPP_PAD_COLOUR), "media_marker": gguf_lm.MEDIA_MARKER,
             "default_quant": default_quant, "text_route": text_route, "repo_id": repo_id}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return finish_out(tmp, out)

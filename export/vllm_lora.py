@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -45,7 +44,9 @@ from export.checkpoint import (
     ExportError,
     _target_dtype,
     check_exportable,
-    prepare_out,
+    check_out,
+    finish_out,
+    partial_folder,
     write_llava,
 )
 
@@ -211,14 +212,11 @@ def export_vllm_lora(
         name = folder.parent.name if folder.name == "model" else folder.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ExportError(f"name {name!r}: use letters, digits, '.', '_' and '-' (it becomes vLLM's model names)")
-    out = prepare_out(source, out, overwrite)
+    out = check_out(source, out, overwrite)
 
     model, phiclip_processor = load_parts(folder, dtype=torch.float32, device_map="cpu", load_adapter=False)
     target = _target_dtype(dtype, model)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_folder(out)
     written = write_llava(model, phiclip_processor, tmp, target, shard_bytes)
     (tmp / LORA_DIR).mkdir()
     (tmp / LORA_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
@@ -246,7 +244,4 @@ def export_vllm_lora(
         "serve": serve_command(Path(out.name), name, max_rank),
     }
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    return finish_out(tmp, out)
