@@ -72,6 +72,16 @@ def nltk_stopwords(tmp_path, monkeypatch) -> frozenset[str]:
 
 
 @pytest.fixture(scope="session")
+def serve_run(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A tiny run whose random LM says something (not only newlines): the servers' tests answer with it."""
+    from tiny_models import build_tiny_run, tiny_backbones
+
+    out = tmp_path_factory.mktemp("serve-run")
+    lm, clip = tiny_backbones(out, smol_tokenizer_dir)
+    return build_tiny_run(out, lm, clip)
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_llama_dir, tiny_clip_dir) -> Path:
     """A finished stage-2 run of a few steps on the toy data."""
     from train.run import train

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from live_server import LiveServer
 from PIL import Image
-from tiny_models import build_tiny_run, tiny_backbones
 
 from chat.assistant import GenerationSettings, VisionChat
 from serve.config import ServeConfig
@@ -28,13 +27,6 @@ from serve.server import build_app, load_engine, load_transcriber
 
 MAX_UPLOAD_MB = 2.0
 MAX_IMAGES = 3
-
-
-@pytest.fixture(scope="session")
-def serve_run(tmp_path_factory, smol_tokenizer_dir):
-    out = tmp_path_factory.mktemp("serve-run")
-    lm, clip = tiny_backbones(out, smol_tokenizer_dir)
-    return build_tiny_run(out, lm, clip)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 from live_server import LiveServer
 from PIL import Image
 from test_serve_api import image_message, png_bytes, stream_chunks
-from tiny_models import build_tiny_run, tiny_backbones
 
 from chat.assistant import GenerationSettings, VisionChat
 from serve.config import ServeConfig
@@ -22,21 +21,14 @@ WAIT_MS = 1500  # long enough that every request below reaches the server before
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, smol_tokenizer_dir):
-    out = tmp_path_factory.mktemp("batching-run")
-    lm, clip = tiny_backbones(out, smol_tokenizer_dir)
-    return build_tiny_run(out, lm, clip)
+def reference(serve_run) -> VisionChat:
+    return VisionChat.load(serve_run)
 
 
 @pytest.fixture(scope="module")
-def reference(run) -> VisionChat:
-    return VisionChat.load(run)
-
-
-@pytest.fixture(scope="module")
-def server(run):
+def server(serve_run):
     config = ServeConfig(ui=False, whisper_model=None, max_batch=8, batch_wait_ms=WAIT_MS)
-    engine = load_engine(run, config)
+    engine = load_engine(serve_run, config)
     calls: list[dict] = []  # what each generate() call held
     chat = engine.chats[0]
     complete = chat.complete

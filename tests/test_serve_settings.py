@@ -13,7 +13,6 @@ import pytest
 from live_server import LiveServer
 from PIL import Image
 from test_serve_api import data_url, image_message, png_bytes, stream_chunks
-from tiny_models import build_tiny_run, tiny_backbones
 
 from chat.assistant import GenerationSettings, VisionChat
 from serve.config import ServeConfig
@@ -23,21 +22,14 @@ SEA = [{"role": "user", "content": "Tell me about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, smol_tokenizer_dir):
-    out = tmp_path_factory.mktemp("settings-run")
-    lm, clip = tiny_backbones(out, smol_tokenizer_dir)
-    return build_tiny_run(out, lm, clip)
+def reference(serve_run) -> VisionChat:
+    return VisionChat.load(serve_run)
 
 
 @pytest.fixture(scope="module")
-def reference(run) -> VisionChat:
-    return VisionChat.load(run)
-
-
-@pytest.fixture(scope="module")
-def client(run):
+def client(serve_run):
     config = ServeConfig(ui=False, whisper_model=None, max_images=3)
-    engine = load_engine(run, config)
+    engine = load_engine(serve_run, config)
     with LiveServer(build_app(engine, None, config)) as live, httpx.Client(base_url=live.url, timeout=120) as c:
         yield c
     engine.close()
