@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
+from transformers import AutoConfig
+
 from chat.own_code import check_own_code
+from configuration_phiclip import PhiClipConfig
 from chat.rows import Completion, GenerationSettings, Sink, TokenLogprob, generate_rows
 from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import IMAGE_PART_TYPES, PhiClipProcessor
@@ -66,6 +69,9 @@ def load_parts(source: str | Path, **kwargs) -> tuple[PhiClipForCausalLM, PhiCli
         where = snapshot_download(where, revision=kwargs.pop("revision", None))
     check_own_code(where)
     model = PhiClipForCausalLM.from_pretrained(where, trust_remote_code=False, **kwargs)
+    # AutoTokenizer reads config.json to pick a tokenizer class: without PhiClip's config registered
+    # it falls back to a bare config and warns that a `phiclip` model is loaded as another type
+    AutoConfig.register(PhiClipConfig.model_type, PhiClipConfig, exist_ok=True)
     return model, PhiClipProcessor.from_pretrained(where, trust_remote_code=False)
 
 

@@ -1,5 +1,6 @@
 """PhiClipForCausalLM: projector init, generation loop, routing, saving and strict loading."""
 
+import logging
 import shutil
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import TextIteratorStreamer
+from transformers.utils import logging as hf_logging
 
-from chat.assistant import GenerationSettings, VisionChat
+from chat.assistant import GenerationSettings, VisionChat, load_parts
 from modeling_phiclip import PROJECTOR_FILE, PhiClipForCausalLM
 from train.build import build_model
 from train.config import ModelConfig
@@ -159,6 +161,23 @@ def test_save_load_gives_identical_logits_and_trained_weights(tiny_run, tiny_lla
     trained = load_file(str(tiny_run / "model" / PROJECTOR_FILE))
     fresh = build_model(ModelConfig(lm=str(tiny_llama_dir), vision=str(tiny_clip_dir))).model.projector.state_dict()
     assert not torch.allclose(trained["linear_1.weight"], fresh["linear_1.weight"])
+
+
+def test_loading_a_folder_warns_of_no_type_mismatch(tiny_run):
+    """transformers once warned "a model of type `phiclip` ... a model of type ``" on every load."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")  # transformers' root logger does not propagate to Python's
+    logger.addHandler(handler)
+    try:
+        hf_logging.get_logger("transformers.configuration_utils").warning("probe")
+        load_parts(tiny_run / "model")
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert messages[0] == "probe"  # the hook sees transformers' warnings
+    assert not [m for m in messages if "to instantiate a model of type" in m]
 
 
 def test_merge_adapter_gives_the_same_logits(tiny_run):
