@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +97,21 @@ for name in ("modeling_phiclip", "configuration_phiclip", "processing_phiclip", 
 
 def without_project(root: Path) -> str:
     return WITHOUT_PROJECT.replace("__PROJECT__", repr(str(root)))
+
+
+@contextlib.contextmanager
+def transformers_log(probe_logger: str) -> Iterator[list[logging.LogRecord]]:
+    """Every warning or error transformers logs inside the block; the first is a probe logged on
+    ``probe_logger`` at error level, so a test can check the hook sees transformers' records."""
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")  # transformers' root logger does not propagate to Python's
+    logger.addHandler(handler)
+    try:
+        hf_logging.get_logger(probe_logger).error("probe: the hook sees transformers' records")
+        yield records
+    finally:
+        logger.removeHandler(handler)

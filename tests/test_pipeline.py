@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from helpers import transformers_log
 from PIL import Image
 
 GENERATE = {"max_new_tokens": 6}
@@ -14,18 +15,9 @@ GENERATE = {"max_new_tokens": 6}
 def loaded(tiny_run):
     """The pipeline, and every record transformers' own logger wrote while it was built."""
     from transformers import pipeline
-    from transformers.utils import logging as hf_logging
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    logger = hf_logging.get_logger("transformers")  # transformers' root logger does not propagate to Python's
-    logger.addHandler(handler)
-    try:
-        hf_logging.get_logger("transformers.pipelines.base").error("probe: the hook sees transformers' errors")
+    with transformers_log("transformers.pipelines.base") as records:
         pipe = pipeline("image-text-to-text", model=str(tiny_run / "model"), trust_remote_code=True)
-    finally:
-        logger.removeHandler(handler)
     return pipe, records
 
 
