@@ -15,12 +15,11 @@ from queue import SimpleQueue
 from typing import Any
 
 import torch
-
 from transformers import AutoConfig
 
 from chat.own_code import check_own_code
-from configuration_phiclip import PhiClipConfig
 from chat.rows import Completion, GenerationSettings, Sink, TokenLogprob, generate_rows
+from configuration_phiclip import PhiClipConfig
 from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import IMAGE_PART_TYPES, PhiClipProcessor
 from train.build import default_device, pick_dtype, quantization
