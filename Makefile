@@ -2,12 +2,15 @@
 VENV := .venv
 STAMP := $(VENV)/.phiclip-setup
 
-.PHONY: demo test test-vllm test-gguf setup bench
+.PHONY: demo test test-vllm test-gguf setup bench lock
 
+# The demo is offline: HF_HUB_OFFLINE is huggingface_hub's switch (no library tries the Hub for files or kernels).
 demo: $(STAMP)
-	$(VENV)/bin/phiclip demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/phiclip demo
 
+# The newest transformers/peft lane is resolved from the package index again on every run (cached per version).
 test: $(STAMP)
+	bash scripts/newest_setup.sh
 	$(VENV)/bin/python -m pytest -q -m "not vllm and not gguf"
 
 # vLLM serving an exported run (own venv, minutes to start): see README.
@@ -25,6 +28,10 @@ bench: $(STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): setup.py scripts/setup.sh scripts/tf4_setup.sh
+# Refresh the locks in requirements/ from setup.py's ranges and requirements/*.in (uv); commit the result.
+lock:
+	bash scripts/lock.sh
+
+$(STAMP): setup.py scripts/setup.sh scripts/tf4_setup.sh requirements/main.lock requirements/weights.lock requirements/tf4.lock
 	bash scripts/setup.sh
 	touch $(STAMP)

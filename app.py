@@ -46,13 +46,12 @@ def config_from_env():
     from serve.config import ServeConfig
 
     on_spaces = bool(os.environ.get("SPACE_ID"))
-    whisper = os.environ.get("PHICLIP_WHISPER_MODEL", "bundled")
     return ServeConfig(
         host=os.environ.get("PHICLIP_HOST", "0.0.0.0" if on_spaces else "127.0.0.1"),
         port=int(os.environ.get("PORT", "7860")),
         concurrency=int(os.environ.get("PHICLIP_CONCURRENCY", "1")),
         model_name=os.environ.get("PHICLIP_MODEL_NAME", "phiclip"),
-        whisper_model=None if whisper.lower() in ("", "none", "off") else whisper,
+        whisper_model=os.environ.get("PHICLIP_WHISPER_MODEL", "bundled"),
         language=os.environ.get("PHICLIP_LANGUAGE", "en"),
         max_upload_mb=float(os.environ.get("PHICLIP_MAX_UPLOAD_MB", "20")),
         api_key=os.environ.get("PHICLIP_API_KEY") or None,

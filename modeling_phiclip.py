@@ -93,6 +93,29 @@ AUTO_MAP = {
 }
 IGNORE_INDEX = -100
 
+# How ``from_pretrained`` sorts the keywords transformers hands it (its own ``from_pretrained`` takes all of them).
+HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "proxies")  # every file fetched
+REPO_ARGUMENTS = ("revision", "subfolder")  # this repository only, never the base LM's or the tower's
+OWN_ARGUMENTS = ("merge_adapter", "load_adapter", "generation_config")
+# Plumbing about this repository's code and adapter, never forwarded to the base LM (nor are ``_``-prefixed flags).
+CALLER_ARGUMENTS = ("trust_remote_code", "code_revision", "adapter_kwargs")
+# Honoured by the base LM's own from_pretrained, never copied onto PhiClip's config.
+LM_LOAD_ARGUMENTS = ("dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
+                     "attn_implementation", "low_cpu_mem_usage", "use_safetensors", "weights_only", "use_kernels")
+REFUSED_ARGUMENTS = {
+    "gguf_file": "PhiClip's weights are a projector and a LoRA adapter in safetensors, not a GGUF file",
+    "state_dict": "PhiClip loads its projector strictly from projector.safetensors",
+    "variant": "PhiClip's weight files have no variants",
+    "key_mapping": "PhiClip's weights are loaded strictly, under their own names",
+    "ignore_mismatched_sizes": "PhiClip's weights are loaded strictly: a mismatch is an error",
+    "output_loading_info": "PhiClip's strict loading has no missing or unexpected keys to report",
+    "from_tf": "PhiClip's weights are PyTorch safetensors",
+    "from_flax": "PhiClip's weights are PyTorch safetensors",
+    "tp_plan": "tensor parallelism is not supported by PhiClip's splice",
+    "tp_size": "tensor parallelism is not supported by PhiClip's splice",
+    "device_mesh": "tensor parallelism is not supported by PhiClip's splice",
+}
+
 
 class PhiClipProjector(nn.Module):
     """Linear -> activation -> Linear, from the tower's feature size to the LM's hidden size."""
@@ -185,9 +208,9 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected features, ``(n_images, tokens_per_image, lm_hidden)``."""
         param = next(self.vision_tower.parameters())
-        pixel_values = pixel_values.to(param.device, param.dtype)
+        pixel_values = pixel_values.to(param.device, param.dtype)  # (n_images, 3, side, side)
         if self.config.image_features == "pooled":
-            features = self.vision_tower(pixel_values=pixel_values).image_embeds[:, None, :]
+            features = self.vision_tower(pixel_values=pixel_values).image_embeds[:, None, :]  # (n_images, 1, proj)
         else:
             out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
             layers = self.config.vision_feature_layer
@@ -196,18 +219,25 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
             for layer in layers:
                 if not -n <= layer < n:
                     raise ValueError(f"vision_feature_layer {layer}: the tower has hidden states 0..{n - 1}")
+            # (n_images, patches [+ 1 class token], vision_hidden * len(layers))
             features = torch.cat([out.hidden_states[layer] for layer in layers], dim=-1)
             if self.config.vision_feature_select_strategy == "default":
-                features = features[:, 1:]
-        return self.projector(features)
+                features = features[:, 1:]  # the class token dropped
+        return self.projector(features)  # (n_images, tokens_per_image, lm_hidden)
 
     @torch.no_grad()
     def image_token_count(self) -> int:
         """How many LM positions one image takes, measured by running the tower on a blank image."""
         size = self.config.vision_config.image_size
         param = next(self.vision_tower.parameters())
-        blank = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+        blank = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)  # (1, 3, side, side)
         return self.get_image_features(blank).shape[1]
+
+    @staticmethod
+    def spliced_length(n_ids: int, n_images: int, image_tokens: int) -> int:
+        """LM positions of a row of ``n_ids`` ids holding ``n_images`` ``<image>`` tokens, once each is replaced by
+        its ``image_tokens`` features (:meth:`image_token_count`): the one formula every length check uses."""
+        return n_ids + (image_tokens - 1) * n_images
 
     def splice(
         self,
@@ -223,14 +253,14 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         longest spliced row; labels get -100 over image positions and padding. Returns
         ``inputs_embeds``, ``attention_mask``, ``position_ids`` and, with labels, ``labels``.
         """
-        batch, length = input_ids.shape
+        batch, length = input_ids.shape  # input_ids: (rows, positions)
         device = input_ids.device
         token, token_id = self.config.image_token, self.config.image_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        keep = attention_mask.bool()
-        is_image = (input_ids == token_id) & keep
-        counts = is_image.sum(1).tolist()
+        keep = attention_mask.bool()  # (rows, positions)
+        is_image = (input_ids == token_id) & keep  # (rows, positions)
+        counts = is_image.sum(1).tolist()  # <image> tokens per row
         n_images = 0 if image_features is None else image_features.shape[0]
         if sum(counts) != n_images:
             rows = ", ".join(f"row {r}: {c}" for r, c in enumerate(counts))
@@ -240,39 +270,41 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"pixel_values hold {n_images} image(s) but no row of input_ids has a {token} token")
             raise ValueError(f"input_ids hold {sum(counts)} {token} token(s) ({rows}) but pixel_values hold {n_images} image(s)")
 
-        text = self.get_input_embeddings()(input_ids.masked_fill(input_ids == token_id, 0))
+        text = self.get_input_embeddings()(input_ids.masked_fill(input_ids == token_id, 0))  # (rows, positions, hidden)
         hidden = text.shape[-1]
         per_image = 0 if image_features is None else image_features.shape[1]
-        bank = [text.reshape(batch * length, hidden)]
+        # One bank of vectors to gather from: every text position, then every image feature, then a zero pad vector.
+        bank = [text.reshape(batch * length, hidden)]  # (rows * positions, hidden)
         if image_features is not None:
-            bank.append(image_features.reshape(-1, hidden).to(text.dtype))
-        bank.append(text.new_zeros(1, hidden))
-        bank = torch.cat(bank)
+            bank.append(image_features.reshape(-1, hidden).to(text.dtype))  # (images * per_image, hidden)
+        bank.append(text.new_zeros(1, hidden))  # (1, hidden)
+        bank = torch.cat(bank)  # (rows * positions + images * per_image + 1, hidden)
         pad_index = bank.shape[0] - 1
 
-        rows, seen = [], 0
+        rows, seen = [], 0  # rows: each spliced row's bank indices; seen: images of earlier rows
         for b in range(batch):
-            pos = keep[b].nonzero().squeeze(1)
-            img = is_image[b, pos]
-            reps = torch.where(img, per_image, 1)
-            index = torch.repeat_interleave(b * length + pos, reps)
+            pos = keep[b].nonzero().squeeze(1)  # (kept,) this row's unpadded positions
+            img = is_image[b, pos]  # (kept,) which of them are <image>
+            reps = torch.where(img, per_image, 1)  # (kept,) bank entries each position becomes
+            index = torch.repeat_interleave(b * length + pos, reps)  # (spliced,) text indices, <image> repeated
             if img.any():
-                expanded = torch.repeat_interleave(img, reps)
+                expanded = torch.repeat_interleave(img, reps)  # (spliced,) inside an image's span
+                # (spliced,) 0..per_image-1 within each image's span: position minus the span's first index
                 offset = torch.arange(index.numel(), device=device) - torch.repeat_interleave(reps.cumsum(0) - reps, reps)
-                ordinal = torch.repeat_interleave(img.long().cumsum(0) - 1, reps) + seen
+                ordinal = torch.repeat_interleave(img.long().cumsum(0) - 1, reps) + seen  # (spliced,) image number
                 index = torch.where(expanded, batch * length + ordinal * per_image + offset, index)
                 seen += int(img.sum())
             rows.append(index)
 
         longest = max(row.numel() for row in rows)
-        index = torch.full((batch, longest), pad_index, dtype=torch.long, device=device)
-        mask = torch.zeros((batch, longest), dtype=attention_mask.dtype, device=device)
+        index = torch.full((batch, longest), pad_index, dtype=torch.long, device=device)  # (rows, longest)
+        mask = torch.zeros((batch, longest), dtype=attention_mask.dtype, device=device)  # (rows, longest)
         for b, row in enumerate(rows):
             span = slice(longest - row.numel(), longest) if padding_side == "left" else slice(0, row.numel())
             index[b, span] = row
             mask[b, span] = 1
         out = {
-            "inputs_embeds": bank[index],
+            "inputs_embeds": bank[index],  # (rows, longest, hidden)
             "attention_mask": mask,
             "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0),
         }
@@ -676,14 +708,14 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds=spliced["inputs_embeds"], attention_mask=mask, position_ids=positions,
             use_cache=True, logits_to_keep=1, **cache_kwargs,
         )
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float()  # (rows, vocab)
         if per_prompt > 1:
             cache.batch_repeat_interleave(per_prompt)
             logits, mask, positions, seen = (
                 t.repeat_interleave(per_prompt, 0) for t in (logits, mask, positions, seen)
             )
         eos_ids = torch.tensor(eos, device=seen.device, dtype=torch.long)
-        done = torch.zeros(seen.shape[0], dtype=torch.bool, device=seen.device)
+        done = torch.zeros(seen.shape[0], dtype=torch.bool, device=seen.device)  # (rows,) row finished
         new_tokens: list[torch.Tensor] = []
         all_scores: list[torch.Tensor] = []
         all_logits: list[torch.Tensor] = []
@@ -697,8 +729,8 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
                 next_tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
             else:
                 next_tokens = scores.argmax(-1)
-            next_tokens = torch.where(done, torch.full_like(next_tokens, pad), next_tokens)
-            seen = torch.cat([seen, next_tokens[:, None]], dim=1)
+            next_tokens = torch.where(done, torch.full_like(next_tokens, pad), next_tokens)  # (rows,)
+            seen = torch.cat([seen, next_tokens[:, None]], dim=1)  # (rows, prompt ids + steps so far)
             new_tokens.append(next_tokens)
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
@@ -707,8 +739,8 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
                 done |= criteria(seen, scores)
             if bool(done.all()) or step == max_new - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (rows, spliced + steps)
+            positions = positions[:, -1:] + 1  # (rows, 1)
             out = self.language_model(
                 inputs_embeds=self.get_input_embeddings()(next_tokens[:, None]), attention_mask=mask,
                 position_ids=positions, use_cache=True, **cache_kwargs,
@@ -813,42 +845,38 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args: Any, config=None, **kwargs: Any):
         """Load the base LM and tower by name, then the projector (strictly) and the LoRA adapter.
 
-        Honours ``dtype`` (or ``torch_dtype``), ``device_map``, ``attn_implementation`` and
-        ``quantization_config`` (applied to the LM: a 4-bit NF4 base gives QLoRA inference).
+        Takes every keyword transformers' own ``PreTrainedModel.from_pretrained`` takes, sorted by
+        ``_sort_load_arguments``: download arguments (``cache_dir``, ``token``, ``proxies``,
+        ``local_files_only``, ``force_download``) reach every file PhiClip fetches (this repository,
+        the base LM and the tower); ``revision`` and ``subfolder`` locate this repository only; model
+        arguments (``dtype`` or ``torch_dtype``, ``device_map``, ``attn_implementation``,
+        ``quantization_config`` for a 4-bit NF4 base, ``max_memory``…) are honoured through the base
+        LM's own ``from_pretrained``; a config attribute overrides the saved config.
         ``merge_adapter=True`` merges the LoRA weights into the LM; ``load_adapter=False`` skips them.
+
+        Raises:
+            TypeError: a setting that would change the model and that PhiClip cannot honour
+                (``gguf_file``, ``state_dict``, ``variant``…), named.
         """
-        revision = kwargs.pop("revision", None)
-        hub = {k: kwargs.pop(k) for k in ("cache_dir", "token", "local_files_only", "force_download") if k in kwargs}
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        kwargs.pop("torch_dtype", None)
-        device_map = kwargs.pop("device_map", None)
-        quantization_config = kwargs.pop("quantization_config", None)
-        attn_implementation = kwargs.pop("attn_implementation", None)
-        merge_adapter = kwargs.pop("merge_adapter", False)
-        load_adapter = kwargs.pop("load_adapter", True)
-        for ignored in ("trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs", "code_revision",
-                        "low_cpu_mem_usage", "use_safetensors", "_commit_hash"):
-            kwargs.pop(ignored, None)
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
-
+        repo, hub, lm_kwargs, own = _sort_load_arguments(cls.__name__, kwargs)
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
-            folder = Path(snapshot_download(str(pretrained_model_name_or_path), revision=revision, **hub))
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), revision=repo.get("revision"),
+                                            **hub))
+        folder = folder / repo.get("subfolder", "")
         if config is None:
             config = PhiClipConfig.from_pretrained(folder)
-        for key, value in kwargs.items():
-            if not hasattr(config, key):
-                raise TypeError(f"{cls.__name__}.from_pretrained got an unexpected argument '{key}'")
-            setattr(config, key, value)
-        attn_implementation = attn_implementation or getattr(config, "_attn_implementation_internal", None)
+        for key in [k for k in lm_kwargs if hasattr(config, k) and k not in LM_LOAD_ARGUMENTS]:
+            setattr(config, key, lm_kwargs.pop(key))
+        lm_kwargs.setdefault("attn_implementation", getattr(config, "_attn_implementation_internal", None))
+        lm_kwargs = {k: v for k, v in lm_kwargs.items() if v is not None}
+        lm_kwargs.setdefault("dtype", "auto")
 
-        lm_kwargs: dict[str, Any] = {"revision": config.text_revision, "dtype": dtype or "auto"}
-        for key, value in (("device_map", device_map), ("quantization_config", quantization_config),
-                           ("attn_implementation", attn_implementation)):
-            if value is not None:
-                lm_kwargs[key] = value
-        language_model = AutoModelForCausalLM.from_pretrained(config.text_model, **lm_kwargs)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            config.text_model, revision=config.text_revision, **hub, **lm_kwargs
+        )
         device = language_model.get_input_embeddings().weight.device
         param_dtype = language_model.get_input_embeddings().weight.dtype
         if not param_dtype.is_floating_point:
@@ -857,13 +885,14 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         if config.vision_weights:
             tower = tower_class(config.vision_config)
         else:
-            tower = tower_class.from_pretrained(config.vision_model, revision=config.vision_revision)
+            tower = tower_class.from_pretrained(config.vision_model, revision=config.vision_revision, **hub)
         model = cls(config, language_model=language_model, vision_tower=tower)
         model.vision_tower.to(device=device, dtype=param_dtype)
         model.projector.to(device=device, dtype=param_dtype)
         model.load_strict(model.projector, folder / PROJECTOR_FILE, "projector")
         if config.vision_weights:
             model.load_strict(model.vision_tower, folder / config.vision_weights, "vision tower")
+        load_adapter, merge_adapter = own.get("load_adapter", True), own.get("merge_adapter", False)
         if config.adapter_subfolder and load_adapter:
             if PeftModel is None:
                 raise ImportError(f"{folder} has a LoRA adapter: loading it needs peft (pip install peft)")
@@ -872,7 +901,9 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
                 model.language_model = model.language_model.merge_and_unload()
         if not load_adapter or merge_adapter:
             model.config.adapter_subfolder = None
-        if (folder / "generation_config.json").is_file():
+        if own.get("generation_config") is not None:
+            model.generation_config = own["generation_config"]
+        elif (folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.name_or_path = str(pretrained_model_name_or_path)
         return model.eval()
@@ -958,6 +989,41 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
             return api.upload_folder(
                 repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision
             )
+
+
+def _sort_load_arguments(
+    owner: str, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split ``from_pretrained`` keywords into (repository, download, base-LM, PhiClip's own) arguments.
+
+    Download arguments left at their defaults (``None``) are dropped; ``torch_dtype`` is the legacy
+    name of ``dtype``. Everything not named above goes to the base LM's ``from_pretrained`` (or onto
+    the config, when it names a config attribute), where this transformers release knows what it means.
+
+    Raises:
+        TypeError: an argument of ``REFUSED_ARGUMENTS`` set to anything but its default.
+    """
+    repo, hub, lm, own = {}, {}, {}, {}
+    for key, value in kwargs.items():
+        if key in REFUSED_ARGUMENTS:
+            if value not in (None, False, "", {}):
+                raise TypeError(f"{owner}.from_pretrained: '{key}' is not supported: {REFUSED_ARGUMENTS[key]}")
+        elif key in REPO_ARGUMENTS:
+            if value:
+                repo[key] = value
+        elif key in HUB_ARGUMENTS:
+            if value is not None:
+                hub[key] = value
+        elif key in OWN_ARGUMENTS:
+            own[key] = value
+        elif key == "torch_dtype":
+            lm.setdefault("dtype", value)
+        elif key == "dtype":
+            if value is not None:
+                lm["dtype"] = value
+        elif key not in CALLER_ARGUMENTS and not key.startswith("_"):
+            lm[key] = value
+    return repo, hub, lm, own
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

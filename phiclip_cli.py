@@ -6,14 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from prepare.cli import add_subparser as add_prepare
-from evaluation.cli import add_subparser as add_eval
-from export.cli import add_subparser as add_export
-from serve.cli import add_subparser as add_serve
+from runtime.hub import quiet_offline_kernel_fetch
+
+quiet_offline_kernel_fetch()  # before the imports below bring in peft, which imports bitsandbytes
+
+from evaluation.cli import add_subparser as add_eval  # noqa: E402
+from export.cli import add_subparser as add_export  # noqa: E402
+from prepare.cli import add_subparser as add_prepare  # noqa: E402
+from serve.cli import add_subparser as add_serve  # noqa: E402
 
 
 def _train(args: argparse.Namespace) -> int:
-    from train.config import load_config
+    from runtime.config import load_config
     from train.run import train
 
     cfg = load_config(args.config, args.overrides)
@@ -23,8 +27,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from processing_phiclip import open_image
     from chat.assistant import GenerationSettings, VisionChat
+    from processing_phiclip import open_image
 
     images = [open_image(path) for path in args.image]  # fails fast, naming the file, before the model loads
     chat = VisionChat.load(args.run_dir)
@@ -40,7 +44,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from train.check import check_dataset
+    from data.check import check_dataset
 
     report = check_dataset(args.data, args.images, tokenizer=args.tokenizer)
     print(report.summary(show=args.show))
@@ -48,7 +52,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_stats(args: argparse.Namespace) -> int:
-    from train.stats import dataset_stats
+    from data.stats import dataset_stats
 
     print(dataset_stats(args.data, tokenizer=args.tokenizer, max_length=args.max_length))
     return 0
@@ -80,7 +84,7 @@ def _push(args: argparse.Namespace) -> int:
         return 0
     if args.quant:
         raise SystemExit("--quant applies to --gguf only")
-    from train.push import example_questions, push
+    from publish.push import example_questions, push
 
     examples = None
     if args.examples:

@@ -1,7 +1,8 @@
 """PhiClip: a Hugging Face Hub vision(-and-speech) chat model and the code that trains and serves it.
 
 The three ``*_phiclip.py`` files are the model package that goes to the Hub; the folders beside
-them (``train``, ``chat``, ``serve``, ``evaluation``, ``export``, ``prepare``, ``demo``) are the tools.
+them are the tools, one floor per layer (``offline``, ``runtime``, ``data``, ``train`` and ``chat``, then
+``evaluation``, ``export``, ``serve``, ``prepare``, ``publish``, then ``demo``; see tests/test_layers.py).
 """
 
 from setuptools import setup
@@ -32,7 +33,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     py_modules=["configuration_phiclip", "modeling_phiclip", "processing_phiclip", "phiclip_cli"],
-    packages=["train", "train.configs", "chat", "serve", "evaluation", "export", "prepare", "demo"],
+    packages=["offline", "runtime", "data", "train", "train.configs", "chat", "serve", "evaluation", "export", "prepare",
+              "publish", "demo"],
     package_data={"train.configs": ["*.yaml", "accelerate/*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -9,7 +9,7 @@ what training waits for. The paths:
 - ``json``: ``read_records`` of the JSON, ``LlavaDataset`` (images opened from the files), a ``DataLoader``;
 - ``parquet``: the same records written by ``phiclip data to-parquet`` (``prepare.parquet.write_parquet``), read
   into the ``datasets`` Arrow cache, ``LlavaDataset`` reading each image's bytes from the memory-mapped cache;
-- ``stream``: that parquet folder as ``data.streaming`` reads it (``train.streaming``: blocks of 256 rows, rows
+- ``stream``: that parquet folder as ``data.streaming`` reads it (``data.streaming``: blocks of 256 rows, rows
   parsed, tokenized and decoded in the worker pool, the data loader in the main process).
 
 With W workers the map-style paths use a ``DataLoader`` with W worker processes, the stream its pool of W. Each
@@ -20,6 +20,7 @@ It ends with the single-process cost of one image (open + prepare + processor, m
 and the ratio ``parquet / json`` at 0 workers (the floor is 0.9).
 
     python benchmarks/data_throughput.py [--records 512] [--rounds 3] [--workers 0,4] [--tokenizer NAME]
+    python benchmarks/data_throughput.py --small   # 16 records, 1 round, workers 0,1: seconds (make test)
 """
 
 from __future__ import annotations
@@ -81,20 +82,21 @@ def processor(tokenizer_name: str):
     square."""
     from transformers import AutoTokenizer, CLIPImageProcessor
 
-    from demo import offline
     from processing_phiclip import PhiClipProcessor
+    from runtime.models import resolve
 
-    tokenizer = AutoTokenizer.from_pretrained(offline.resolve(tokenizer_name))
+    tokenizer = AutoTokenizer.from_pretrained(resolve(tokenizer_name))
     images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     return PhiClipProcessor.from_parts(images, tokenizer, image_aspect="pad")
 
 
 def dataset(path: str, source: Path, images: Path, proc, workers: int):
     """The dataset training would build for ``path``; returns it and the seconds it took (reading, tokenizing)."""
-    from train.dataset import Encoder, LlavaDataset
-    from train.images import ImageResolver
-    from train.records import Report, read_records
-    from train.streaming import open_stream
+    from data.dataset import Encoder, LlavaDataset
+    from data.images import ImageResolver
+    from data.records import Report
+    from data.sources import read_records
+    from data.streaming import open_stream
 
     started = time.perf_counter()
     n_tokens = (336 // 14) ** 2
@@ -110,8 +112,8 @@ def dataset(path: str, source: Path, images: Path, proc, workers: int):
 
 def measure(data, n: int, workers: int, pad_id: int) -> float:
     """Records/s delivered by the collator, from the first batch to the ``n``-th record."""
-    from train.dataset import Collator
-    from train.streaming import StreamingLlavaDataset
+    from data.dataset import Collator
+    from data.streaming import StreamingLlavaDataset
 
     streamed = isinstance(data, StreamingLlavaDataset)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, collate_fn=Collator(pad_id),
@@ -143,7 +145,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default="0,4", help="comma-separated worker counts")
     parser.add_argument("--tokenizer", default="offline:smollm2-135m-instruct", help="Hub name, path or offline:NAME")
+    parser.add_argument("--small", action="store_true", help="16 records, 1 round, workers 0,1")
     args = parser.parse_args()
+    if args.small:
+        args.records, args.rounds, args.workers = 16, 1, "0,1"
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="phiclip-data-bench-") as tmp:
         root = Path(tmp)

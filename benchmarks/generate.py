@@ -8,15 +8,19 @@ produce exactly ``--new-tokens``):
 - transformers: ``language_model.generate(inputs_embeds=...)`` on the same spliced embeddings;
 - recipe loop: what the original recipe did, a full forward over the whole sequence for every token.
 
-It checks that all three produce the same tokens and ends with ``vs transformers generate: <x>``
-(PhiClip / transformers tokens/s) and ``speedup: <x>`` (PhiClip / recipe loop).
+The three methods alternate, ``--rounds`` times; the table gives each one's median time with the
+spread (min-max) over rounds and its ratio to PhiClip. It checks that all three produce the same
+tokens and ends with ``vs transformers generate: <x>`` (PhiClip / transformers tokens/s) and
+``speedup: <x>`` (PhiClip / recipe loop), both from the medians.
 
-    python benchmarks/generate.py [--run runs/demo] [--new-tokens 128] [--turns 24] [--repeats 3]
+    python benchmarks/generate.py [--run runs/demo] [--new-tokens 128] [--turns 24] [--rounds 3]
+    python benchmarks/generate.py --run RUN --small   # 8 new tokens, 2 turns, 1 round: seconds (make test)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -58,14 +62,11 @@ def recipe_loop(model, inputs: dict, n: int) -> torch.Tensor:
     return ids[:, -n:]
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def timed(fn) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    return time.perf_counter() - start, out
 
 
 def chat_history(turns: int) -> list[dict[str, str]]:
@@ -83,34 +84,46 @@ def main() -> None:
     parser.add_argument("--run", default="runs/demo", help="a trained run or PhiClip folder (phiclip demo makes runs/demo)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=24, help="earlier Q/A turns in the prompt (24: ~600 positions)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for the two cached methods")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three methods, alternated")
+    parser.add_argument("--small", action="store_true", help="8 new tokens, 2 turns, 1 round: a check that it runs")
     args = parser.parse_args()
+    if args.small:
+        args.new_tokens, args.turns, args.rounds = 8, 2, 1
 
     chat = VisionChat.load(args.run)
     model, n = chat.model, args.new_tokens
     messages = chat_history(args.turns)
     inputs = chat.model_inputs([messages], [Image.new("RGB", (64, 64), (220, 40, 40))])
-    positions = chat.prompt_length(messages, with_image=True)
+    positions = chat.prompt_length(messages, n_images=1)
     print(f"model: {args.run}  device: {chat.device}  threads: {torch.get_num_threads()}")
     print(f"prompt: {positions} positions ({chat.n_image_tokens} image, {args.turns} earlier turns); "
-          f"{n} new tokens, greedy; best of {args.repeats} (recipe loop: 1 run)")
+          f"{n} new tokens, greedy; {args.rounds} round(s), the methods alternated")
+    methods = {
+        "PhiClip generate()": lambda: phiclip_generate(model, inputs, n),
+        "transformers generate(inputs_embeds)": lambda: transformers_generate(model, inputs, n),
+        "recipe loop (full forward per token)": lambda: recipe_loop(model, inputs, n),
+    }
     phiclip_generate(model, inputs, 2)  # warm-up
     transformers_generate(model, inputs, 2)
-    rows = [
-        ("PhiClip generate()", *timed(lambda: phiclip_generate(model, inputs, n), args.repeats)),
-        ("transformers generate(inputs_embeds)", *timed(lambda: transformers_generate(model, inputs, n), args.repeats)),
-        ("recipe loop (full forward per token)", *timed(lambda: recipe_loop(model, inputs, n), 1)),
-    ]
-    ours = rows[0][1]
-    print(f"{'method':<40}{'seconds':>9}{'tok/s':>8}{'PhiClip is':>12}")
-    for name, seconds, _ in rows:
-        print(f"{name:<40}{seconds:>9.2f}{n / seconds:>8.1f}{seconds / ours:>11.2f}x")
-    same = all(torch.equal(rows[0][2], out) for _, _, out in rows[1:])
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    tokens: dict[str, torch.Tensor] = {}
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            took, tokens[name] = timed(fn)
+            seconds[name].append(took)
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    ours = median["PhiClip generate()"]
+    print(f"{'method':<40}{'seconds':>9}{'spread':>15}{'tok/s':>8}{'vs PhiClip':>12}")
+    for name, times in seconds.items():
+        spread = f"{min(times):.2f}-{max(times):.2f}"
+        print(f"{name:<40}{median[name]:>9.2f}{spread:>15}{n / median[name]:>8.1f}{median[name] / ours:>11.2f}x")
+    first, *others = tokens.values()
+    same = all(torch.equal(first, out) for out in others)
     print(f"same tokens from all three: {same}")
     if not same:
         raise SystemExit("the three methods disagree: the comparison is void")
-    print(f"vs transformers generate: {rows[1][1] / ours:.2f}x")
-    print(f"speedup: {rows[2][1] / ours:.2f}x")
+    print(f"vs transformers generate: {median['transformers generate(inputs_embeds)'] / ours:.2f}x")
+    print(f"speedup: {median['recipe loop (full forward per token)'] / ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ the table gives the median and the spread (min-max) of the rounds. llama.cpp run
 environment (``bash scripts/llamacpp_setup.sh``), one process per round, the model loaded and
 warmed up before the timed chat. Measure on a quiet machine: llama.cpp's threads spin-wait.
 
-    python benchmarks/gguf.py [--run runs/demo] [--gguf DIR] [--threads 1] [--rounds 3] [--no-repack]
+    python benchmarks/gguf.py [--run runs/demo] [--gguf DIR] [--threads 2] [--rounds 3] [--no-repack]
+    python benchmarks/gguf.py --run RUN --small   # 8 new tokens, 2 turns, 1 round: seconds (make test-gguf)
+
+The defaults are the settings behind the README's table.
 
 The last line is ``llama.cpp q8_0 decode vs PhiClip: <ratio>x`` (median decode tokens/s).
 """
@@ -29,10 +32,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
+from generate import chat_history  # noqa: E402  (benchmarks/generate.py)
+
 from chat.assistant import load_parts, locate  # noqa: E402
 from export.gguf import INFO_FILE, export_gguf, probe_picture  # noqa: E402
 from export.llamacpp import find_llamacpp  # noqa: E402
-from generate import chat_history  # noqa: E402  (benchmarks/generate.py)
 
 QUANTS = ("f16", "Q8_0", "Q4_K_M")
 QUESTION = "Describe the image in detail."
@@ -63,10 +67,13 @@ def main() -> None:
     parser.add_argument("--gguf", help="its GGUF export with f16, Q8_0 and Q4_K_M files (default: exported now)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=24, help="earlier Q/A turns in the prompt (24: ~600 positions)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-repack", action="store_true", help="llama.cpp without weight repacking (AMX crash)")
+    parser.add_argument("--small", action="store_true", help="8 new tokens, 2 turns, 1 round: a check that it runs")
     args = parser.parse_args()
+    if args.small:
+        args.new_tokens, args.turns, args.rounds = 8, 2, 1
 
     torch.set_num_threads(args.threads)
     llama = find_llamacpp()

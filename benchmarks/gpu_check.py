@@ -3,7 +3,7 @@
 A random-weight PhiClip shaped like Phi-3.5-mini-instruct (3.8B) + CLIP ViT-L/14-336 (576 patch
 tokens), built from configs alone (no download): the LM's random weights, made on the GPU, are
 loaded through transformers' bitsandbytes quantizer with the recipe's own NF4 settings
-(``train.build.quantization``: ``from_pretrained(None, state_dict=...)``, no temp dir). Then as
+(``runtime.devices.quantization``: ``from_pretrained(None, state_dict=...)``, no temp dir). Then as
 stage 2 of the recipe trains it: QLoRA r=128 on every LM linear (``train.lora.attach_lora``),
 projector trained, gradient checkpointing, bf16, one step at a time through ``PhiClipTrainer``.
 Each sample is 576 image positions + 448 text tokens = 1024 LM positions, the last 224 supervised.
@@ -34,12 +34,13 @@ from transformers import CLIPVisionConfig, Phi3Config, Phi3ForCausalLM, TrainerC
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_phiclip import PhiClipConfig  # noqa: E402
+from data.dataset import Collator  # noqa: E402
+from data.template import IGNORE_INDEX  # noqa: E402
 from modeling_phiclip import PhiClipForCausalLM, vision_tower_class  # noqa: E402
-from train.build import quantization  # noqa: E402
-from train.config import LoraConfig  # noqa: E402
-from train.dataset import Collator  # noqa: E402
+from runtime.config import LoraConfig  # noqa: E402
+from runtime.devices import quantization  # noqa: E402
+from train.checkpointing import enable_activation_checkpointing  # noqa: E402
 from train.lora import attach_lora  # noqa: E402
-from train.template import IGNORE_INDEX  # noqa: E402
 from train.trainer import PhiClipTrainer  # noqa: E402
 
 
@@ -100,10 +101,9 @@ def build(shapes: Shapes, device: torch.device) -> tuple[PhiClipForCausalLM, int
     model.projector.to(device=device, dtype=shapes.dtype)
     model.requires_grad_(False)
     # stage 2 as train.run.prepare_model sets it up
-    attach_lora(model, lora, gradient_checkpointing=True)
+    attach_lora(model, lora)
     model.projector.requires_grad_(True)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    enable_activation_checkpointing(model)
     return model, n_lm
 
 

@@ -32,6 +32,7 @@ batch); and each tool's first logged loss must equal ``model(**batch).loss`` on 
 PhiClip samples/s / plain Trainer samples/s.
 
     python benchmarks/train_throughput.py [--steps 30] [--warmup 2] [--rounds 2] [--turns 1] [--tools phiclip,plain,trl]
+    python benchmarks/train_throughput.py --small   # 16 samples, 2 steps, 1 round, phiclip and plain (make test)
 """
 
 from __future__ import annotations
@@ -40,17 +41,16 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from train_probe import Probe, lm_parameters  # this script's folder is on sys.path
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,89 +70,9 @@ CHATML_TRAINING = (
 )
 
 
-# ---- measuring, in every worker -----------------------------------------------------------------
-
-
-class Probe(TrainerCallback):
-    """Step wall times, logged losses, the tokens of every training batch and the LM positions it took."""
-
-    def __init__(self, extra_per_image: int) -> None:
-        self.extra_per_image = extra_per_image  # positions an image adds beyond its one token in input_ids
-        self.image_token_id: int | None = None
-        self.ends: list[float] = []
-        self.losses: list[float] = []
-        self.batches: list[tuple[int, int, int]] = []  # (rows, real tokens, supervised tokens) as collated
-        self.forwards: list[tuple[int, int]] = []  # (rows, LM positions = rows x longest row) of each training forward
-        self.first_batch: dict[str, Any] = {}
-        self.initial_loss = self.first_batch_loss = float("nan")
-
-    def lengths(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Each row's LM positions: its tokens, an image counting as its features."""
-        images = ids == self.image_token_id
-        if mask is None:
-            return ids.shape[1] + self.extra_per_image * images.sum(1)
-        return mask.sum(1) + self.extra_per_image * (images & mask.bool()).sum(1)
-
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:
-        """The untrained model's loss on the data's first batch (the same samples for every tool), then start timing."""
-        collate = train_dataloader.collate_fn
-        data, batch_size = train_dataloader.dataset, args.per_device_train_batch_size
-        with torch.no_grad():
-            self.initial_loss = float(model(**collate([data[i] for i in range(batch_size)])).loss)
-
-        def counting_collate(items):
-            batch = collate(items)
-            self.first_batch = self.first_batch or batch  # (the loader fetches a batch ahead)
-            real = int(self.lengths(batch["input_ids"], batch["attention_mask"]).sum())
-            self.batches.append((len(items), real, int((batch["labels"][:, 1:] != -100).sum())))
-            return batch
-
-        getattr(train_dataloader, "base_dataloader", train_dataloader).collate_fn = counting_collate  # accelerate's
-        model.register_forward_pre_hook(self._forward, with_kwargs=True)
-        self.ends.append(time.perf_counter())
-
-    def _forward(self, module, args, kwargs) -> None:
-        if not module.training:
-            return
-        if not self.forwards:  # the first step: model(**batch).loss on its batch, to hold the logged loss against
-            batch = {k: v for k, v in self.first_batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
-                                                                       "labels")}
-            with torch.no_grad():
-                self.first_batch_loss = float(module.forward(**batch).loss)
-        ids = kwargs["input_ids"]
-        self.forwards.append((ids.shape[0], ids.shape[0] * int(self.lengths(ids, kwargs.get("attention_mask")).max())))
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.ends.append(time.perf_counter())
-
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
-
-    def result(self, warmup: int, lm_params: int) -> dict[str, Any]:
-        steps = [b - a for a, b in zip(self.ends, self.ends[1:])]
-        rows = sum(t[0] for t in self.batches)
-        return {
-            "step_times": steps[warmup:],
-            "initial_loss": self.initial_loss,
-            "first_batch_loss": self.first_batch_loss,
-            "losses": self.losses,
-            "real": sum(t[1] for t in self.batches) / rows,
-            "padded": sum(t[1] for t in self.forwards) / sum(t[0] for t in self.forwards),  # the loader fetches ahead
-            "supervised": sum(t[2] for t in self.batches) / rows,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "lm_params": lm_params,
-        }
-
-
-def lm_parameters(model) -> int:
-    """Parameters of the base LM (tied embeddings counted once, LoRA excluded)."""
-    return sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" not in n)
-
-
 def demo_config(workdir: Path, args: argparse.Namespace, overrides: list[str]):
-    from demo.offline import cache_dir
-    from train.config import load_config
+    from offline.cache import cache_dir
+    from runtime.config import load_config
 
     return load_config(ROOT / "configs" / "demo.yaml", [
         f"data.train={args.data}", f"data.images={cache_dir() / 'shapes-data' / 'images'}",
@@ -167,13 +87,13 @@ def run_phiclip(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from train.run import train
 
     cfg = demo_config(workdir, args, args.phiclip_override)
-    probe = Probe(extra_per_image=0)
+    probe = Probe(image_tokens=1)
     counted: dict[str, int] = {}
 
     class Setup(TrainerCallback):  # the model exists only inside train(): read what the probe needs from it
         def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
             probe.image_token_id = model.config.image_token_id
-            probe.extra_per_image = model.image_token_count() - 1
+            probe.image_tokens = model.image_token_count()
             counted["lm_params"] = lm_parameters(model)
 
     train(cfg, callbacks=[Setup(), probe])
@@ -203,7 +123,7 @@ def llava_and_processor(workdir: Path, args: argparse.Namespace):
 
 def chat_samples(cfg) -> list[dict[str, Any]]:
     """The records as chat messages (system prompt first) and the image's path."""
-    from train.records import read_records
+    from data.sources import read_records
 
     records, _ = read_records(cfg.data.train)
     samples = []
@@ -263,7 +183,7 @@ def run_plain(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     llava, processor, lm_params, cfg = llava_and_processor(workdir, args)
     model = get_peft_model(llava, LoraConfig(**LORA, target_modules=LM_LINEARS,
                                              modules_to_save=["multi_modal_projector"]))
-    probe = Probe(extra_per_image=0)
+    probe = Probe(image_tokens=1)
     probe.image_token_id = llava.config.image_token_id
     trainer = Trainer(model=model, args=training_arguments(TrainingArguments, cfg, workdir),
                       train_dataset=chat_samples(cfg), data_collator=PromptMaskingCollator(processor),
@@ -296,7 +216,7 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     # SFTConfig defaults to bf16 and gradient checkpointing: off, for the same fp32 setup as the others.
     sft = training_arguments(SFTConfig, cfg, workdir, assistant_only_loss=True, chat_template_path=str(template),
                              max_length=None, bf16=False, gradient_checkpointing=False)
-    probe = Probe(extra_per_image=0)
+    probe = Probe(image_tokens=1)
     probe.image_token_id = llava.config.image_token_id
     trainer = SFTTrainer(model=llava, args=sft, train_dataset=dataset, processing_class=processor,
                          peft_config=LoraConfig(**LORA, target_modules=LM_LINEARS,
@@ -321,7 +241,7 @@ def cpu_matmul_peak() -> float:
 
 def write_samples(folder: Path, n: int, turns: int) -> Path:
     """The shapes data's first ``n`` records, each cut to its first ``turns`` question/answer pairs (0: all)."""
-    from demo.offline import cache_dir
+    from offline.cache import cache_dir
 
     records = json.loads((cache_dir() / "shapes-data" / "train.json").read_text())[:n]
     if turns:
@@ -423,7 +343,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--small", action="store_true",
+                        help="16 samples, batch 4, 1 warm-up and 2 timed steps, 1 round, phiclip and plain")
     args = parser.parse_args()
+    if args.small:
+        args.samples, args.batch, args.warmup, args.steps, args.rounds, args.tools = 16, 4, 1, 2, 1, "phiclip,plain"
     if args.worker is None:
         drive(args)
         return

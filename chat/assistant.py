@@ -18,16 +18,30 @@ import torch
 from transformers import AutoConfig
 
 from chat.own_code import check_own_code
-from chat.rows import Completion, GenerationSettings, Sink, TokenLogprob, generate_rows
+from chat.rows import generate_rows
+from chat.settings import Completion, GenerationSettings, Sink, TokenLogprob
 from configuration_phiclip import PhiClipConfig
 from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import IMAGE_PART_TYPES, PhiClipProcessor
-from train.build import default_device, pick_dtype, quantization
-from train.config import load_config
-from train.rundir import model_dir
+from runtime.config import load_config
+from runtime.devices import default_device, pick_dtype, quantization
+from runtime.rundir import model_dir
+
+__all__ = ["Completion", "GenerationSettings", "Prompt", "Stream", "TokenLogprob", "VisionChat", "locate"]
 
 
-__all__ = ["Completion", "GenerationSettings", "Stream", "TokenLogprob", "VisionChat", "locate"]
+@dataclass(frozen=True)
+class Prompt:
+    """A conversation prepared once for generation: the length check, the batcher and ``generate()`` all use it.
+
+    ``ids``: the prompt's token ids, one ``<image>`` per image (rendered as in training); ``images``: the
+    conversation's images, in order; ``length``: the LM positions it takes once each image's features are
+    spliced in (:meth:`PhiClipForCausalLM.spliced_length`).
+    """
+
+    ids: list[int]
+    images: list[Any]
+    length: int
 
 
 @dataclass
@@ -147,29 +161,39 @@ class VisionChat:
         messages = self.with_images(messages, n_images, image_markers)
         return self.processor.encode_chat(messages, add_generation_prompt=True, image_markers=image_markers)[0]
 
+    def prompt(self, messages: list[dict], images: Any = None, image_markers: bool = False) -> Prompt:
+        """``messages`` and their images (None, one, or a list) prepared once (see :class:`Prompt`)."""
+        images = _image_list(images)
+        ids = self.prompt_ids(messages, len(images), image_markers)
+        return Prompt(ids, images, self.model.spliced_length(len(ids), len(images), self.n_image_tokens))
+
     def prompt_length(self, messages: list[dict], n_images: int = 0, image_markers: bool = False) -> int:
         """Positions the prompt takes in the LM: each image counts as the features spliced in for it."""
-        return len(self.prompt_ids(messages, n_images, image_markers)) + (self.n_image_tokens - 1) * n_images
+        return self.prompt(messages, [None] * n_images, image_markers).length
 
-    def model_inputs(self, conversations: list[list[dict]], images: list[Any], image_markers: bool = False) -> dict:
-        """Left-padded batch: ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``.
+    def prompts(self, conversations: list[list[dict]], images: list[Any], image_markers: bool = False) -> list[Prompt]:
+        """One :class:`Prompt` per conversation; ``images[i]``: conversation i's images (a list, one image, or None)."""
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(images)} image lists for {len(conversations)} conversations")
+        return [self.prompt(m, row, image_markers) for m, row in zip(conversations, images)]
 
-        ``images[i]``: conversation i's images (a list, one image, or None). A batch may mix image and
-        text-only questions: ``generate()`` answers each row by its own route, as it would alone.
-        """
-        per_row = [_image_list(item) for item in images]
-        if len(per_row) != len(conversations):
-            raise ValueError(f"{len(per_row)} image lists for {len(conversations)} conversations")
-        rows = [self.prompt_ids(m, len(row), image_markers) for m, row in zip(conversations, per_row)]
-        longest = max(map(len, rows))
+    def batch(self, prompts: Sequence[Prompt]) -> dict:
+        """Left-padded batch: ``input_ids``, ``attention_mask`` (rows, longest) and, with images, ``pixel_values``
+        (images, 3, H, W). A batch may mix image and text-only prompts: ``generate()`` answers each row by its
+        own route, as it would alone."""
+        longest = max(len(p.ids) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        ids = torch.tensor([[pad] * (longest - len(p.ids)) + p.ids for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=self.device)
         inputs = {"input_ids": ids, "attention_mask": mask}
-        flat = [image for row in per_row for image in row]
+        flat = [image for p in prompts for image in p.images]
         if flat:
             inputs["pixel_values"] = self.processor.image_pixels(flat).to(self.device)
         return inputs
+
+    def model_inputs(self, conversations: list[list[dict]], images: list[Any], image_markers: bool = False) -> dict:
+        """:meth:`batch` of the conversations' :meth:`prompts`."""
+        return self.batch(self.prompts(conversations, images, image_markers))
 
     def _generate(
         self,
@@ -194,7 +218,19 @@ class VisionChat:
         sinks: Sequence[Sink | None] | None = None,
         cancelled: Sequence[threading.Event | None] | None = None,
     ) -> list[Completion]:
-        """One answer per conversation, all in one generate() call.
+        """One answer per conversation, all in one generate() call (:meth:`complete_prompts` of their prompts)."""
+        prompts = self.prompts(conversations, images, image_markers)
+        return self.complete_prompts(prompts, settings, sinks=sinks, cancelled=cancelled)
+
+    def complete_prompts(
+        self,
+        prompts: Sequence[Prompt],
+        settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
+        *,
+        sinks: Sequence[Sink | None] | None = None,
+        cancelled: Sequence[threading.Event | None] | None = None,
+    ) -> list[Completion]:
+        """One answer per prepared prompt, all in one generate() call.
 
         ``settings``: one for every row, or a list with row i's own (stop strings, seed,
         penalties, logprobs ... see :class:`GenerationSettings`). ``sinks[i]`` receives row i's
@@ -202,9 +238,8 @@ class VisionChat:
         """
         settings = settings or GenerationSettings()
         if isinstance(settings, GenerationSettings):
-            settings = [settings] * len(conversations)
-        inputs = self.model_inputs(conversations, images, image_markers)
-        return self._generate(inputs, settings, sinks, cancelled)
+            settings = [settings] * len(prompts)
+        return self._generate(self.batch(prompts), settings, sinks, cancelled)
 
     def answer_batch(self, conversations: list[list[dict]], images: list[Any],
                      settings: GenerationSettings | None = None, image_markers: bool = False) -> list[str]:

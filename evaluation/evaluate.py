@@ -1,6 +1,6 @@
 """Evaluate a run on a LLaVA-format eval set: batched generation, then the metric.
 
-The eval set is LLaVA JSON/JSONL or a Hugging Face dataset (:mod:`train.hf_records`: ``hf://...``,
+The eval set is LLaVA JSON/JSONL or a Hugging Face dataset (:mod:`data.hf_records`: ``hf://...``,
 parquet/arrow files or folders, either row layout). An eval item is a record's last human turn (with the
 conversation before it as history)
 and its reference answer(s): the gpt turn that follows it, or an ``answers`` list
@@ -19,20 +19,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from processing_phiclip import IMAGE_TOKEN, ImageError, open_image
-from train.images import ImageResolver, RowImage
-from train.records import (
-    ROLES,
-    BadRecord,
-    Report,
-    images_dir,
-    is_dataset_source,
-    iter_raw,
-    parse_record,
-    raw_id,
-)
-from train.template import to_messages
+from data.images import ImageResolver, RowImage
+from data.records import ROLES, BadRecord, Report, parse_record
+from data.sources import images_dir, read_source
+from data.template import to_messages
 from evaluation import metrics as M
+from processing_phiclip import IMAGE_TOKEN, ImageError, open_image
 
 
 @dataclass
@@ -109,43 +101,12 @@ def load_eval_set(data: str | Path, images: str | Path | None = None, limit: int
 
     ``images``: the folder image file names are relative to (a local dataset's own folder by default).
     """
-    if is_dataset_source(data):
-        return _load_dataset_eval_set(str(data), images or "", limit)
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval data not found: {path}")
-    resolver = ImageResolver(images or "")
-    report = Report()
-    items: list[EvalItem] = []
-    for index, raw in iter_raw(path, report):
-        if limit and len(items) >= limit:
-            break
-        report.n_read += 1
-        try:
-            items.append(_to_item(raw, str(path), index, resolver))
-            report.n_kept += 1
-        except BadRecord as err:
-            report.skip(str(path), raw_id(raw, index), str(err))
-    return items, report
+    resolver = ImageResolver(images_dir(data, images or ""))
 
+    def item(raw: Any, source: str, index: int, row_images: list[Any] | None) -> EvalItem:
+        return _to_item(raw, source, index, resolver, images=row_images)
 
-def _load_dataset_eval_set(data: str, images: str, limit: int) -> tuple[list[EvalItem], Report]:
-    from train.hf_records import iter_dataset_rows
-
-    resolver = ImageResolver(images_dir(data, images))
-    report = Report()
-    items: list[EvalItem] = []
-    for row in iter_dataset_rows(data):
-        if limit and len(items) >= limit:
-            break
-        report.n_read += 1
-        try:
-            raw, row_images = row.to_llava()
-            items.append(_to_item(raw, data, row.index, resolver, images=row_images))
-            report.n_kept += 1
-        except BadRecord as err:
-            report.skip(data, row.id, str(err))
-    return items, report
+    return read_source(data, item, limit, what="eval data")
 
 
 def _with_suffix(messages: list[dict[str, str]], suffix: str) -> list[dict[str, str]]:

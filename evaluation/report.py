@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from data.images import RowImage
 from evaluation.evaluate import EvalResult
-from train.images import RowImage
 
 N_SAMPLES = 48
 THUMBNAIL = 192

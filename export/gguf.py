@@ -50,7 +50,7 @@ def file_names(name: str, quants: list[str]) -> dict[str, str]:
 
 def _hub_name(name: str) -> str:
     """The Hub repository behind an ``offline:`` model name (the demo's LM), else the name as given."""
-    from demo.offline import HUB_NAMES, PREFIX
+    from runtime.models import HUB_NAMES, PREFIX
 
     return HUB_NAMES.get(name[len(PREFIX):], name) if str(name).startswith(PREFIX) else str(name)
 

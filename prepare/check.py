@@ -6,9 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.images import ImageError, ImageResolver
+from data.sources import read_records
 from prepare.common import PrepareError
-from train.images import ImageError, ImageResolver
-from train.records import read_records
 
 MAX_MISSING_SHOWN = 20
 
@@ -52,9 +52,9 @@ class PrepareSummary:
 def check_images(json_path: Path, images_dir: Path) -> PrepareSummary:
     """Records read, distinct images referenced, the missing ones (sorted), and records training skips.
 
-    Read as training reads it: :func:`train.records.read_records` parses the records (one that
+    Read as training reads it: :func:`data.sources.read_records` parses the records (one that
     training would skip is counted, and its image not looked for), and an image counts as present
-    when :class:`train.images.ImageResolver` finds it, COCO 2014/2017 name aliases included.
+    when :class:`data.images.ImageResolver` finds it, COCO 2014/2017 name aliases included.
     """
     try:
         records, report = read_records(json_path)

@@ -4,7 +4,7 @@ One folder to move to a cluster instead of a JSON and a hundred thousand files:
 ``OUT/data/train-NNNNN-of-NNNNN.parquet`` in LLaVA's layout in columns (``id``; ``conversations`` with
 ``from`` / ``value`` and ``<image>`` markers; ``images``: a list of ``datasets.Image`` holding each file's
 bytes as they are, not re-encoded). PhiClip reads it as ``data.train=OUT``, ``datasets.load_dataset(OUT)``
-as its ``train`` split. Records are written as training reads them (:func:`train.records.read_records`): a
+as its ``train`` split. Records are written as training reads them (:func:`data.sources.read_records`): a
 record it would skip, or one whose image file is missing, is left out and reported. A record's images are
 stored with it, so an image two records share is stored twice.
 """
@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from data.images import ImageResolver
+from data.records import Record, Report
+from data.sources import read_records
 from processing_phiclip import ImageError
-from train.images import ImageResolver
-from train.records import Record, Report, read_records
 
 SPEAKERS = {"user": "human", "assistant": "gpt", "system": "system"}  # LLaVA's names for the roles
 SHARD_RECORDS = 1000  # records per parquet file

@@ -16,13 +16,11 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv-llama
 LLAMA_CPP_PYTHON=0.3.36
 # torch first and pinned: the CPU build this machine serves; an unpinned torch would pull a CUDA build.
-TORCH="torch==2.13.0"
-PACKAGES=("llama-cpp-python==$LLAMA_CPP_PYTHON" "transformers==5.24.0" "sentencepiece" "safetensors" "numpy"
-          "protobuf" "jinja2" "pillow")
+LOCK=requirements/llama.lock  # llama-cpp-python and its converters' imports: exact versions and hashes
 CACHE=${PHICLIP_CACHE:-$HOME/.cache/phiclip}
 SRC="$CACHE/llama.cpp-$LLAMA_CPP_PYTHON"
 STAMP="$VENV/.phiclip-llamacpp-setup"
-WANT="$TORCH ${PACKAGES[*]} src=$SRC jinja-render"
+WANT="$(sha256sum "$LOCK" | cut -d' ' -f1) $LOCK src=$SRC jinja-render"
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
    && [ -f "$SRC/convert_hf_to_gguf.py" ] && [ -x "$SRC/llamacpp-jinja-render" ]; then
@@ -35,9 +33,8 @@ pip_quiet() {  # quiet; drops pip's notes about this machine's missing local ind
   grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
   rm -f "$log"
 }
-pip_quiet install "$TORCH"
 echo "installing llama-cpp-python==$LLAMA_CPP_PYTHON (built from source on first use: several minutes) ..."
-pip_quiet install "$TORCH" "${PACKAGES[@]}"
+pip_quiet install --require-hashes --no-deps -r "$LOCK"
 
 if [ ! -f "$SRC/convert_hf_to_gguf.py" ]; then
   tmp=$(mktemp -d)

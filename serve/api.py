@@ -31,11 +31,12 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
-from serve.auth import ApiKeyMiddleware
 from chat.assistant import TokenLogprob
-from serve.engine import Engine, Event, Job, Result
+from serve.auth import ApiKeyMiddleware
+from serve.engine import Engine
 from serve.errors import ServeError, bad_request, too_large, unsupported
 from serve.inputs import Limits
+from serve.jobs import Event, Job, Result
 from serve.schema import ChatRequest, model_not_found, parse_chat, parse_json
 from serve.speech import Transcriber
 

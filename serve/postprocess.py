@@ -162,3 +162,25 @@ class Cleaner:
 def clean(text: str, question: str = "", options: Options | None = None) -> str:
     cleaner = Cleaner(question, options)
     return cleaner.feed(text) + cleaner.finish()
+
+
+class Trim:
+    """Strip leading and trailing whitespace from a stream, as ``str.strip()`` does for the whole."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._space = ""
+
+    def feed(self, piece: str) -> str:
+        if not self._started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self._started = True
+        body = piece.rstrip()
+        if not body:
+            self._space += piece
+            return ""
+        out = self._space + body
+        self._space = piece[len(body) :]
+        return out

@@ -1,4 +1,4 @@
-"""Read an OpenAI-style chat completion request into a :class:`~serve.engine.Job`.
+"""Read an OpenAI-style chat completion request into a :class:`~serve.jobs.Job`.
 
 Every field is either honoured or refused with a 400 whose ``param`` names it (vLLM's
 validation is the model); nothing is silently ignored. :data:`HONOURED` lists what is
@@ -22,9 +22,9 @@ from PIL import Image
 
 from chat import json_grammar
 from chat.assistant import GenerationSettings
-from serve.engine import Job
 from serve.errors import ServeError, bad_request
 from serve.inputs import Limits, clean_text, decode_base64, decode_data_url, decode_image
+from serve.jobs import Job
 from serve.postprocess import Options as PostOptions
 
 MAX_MESSAGES = 256

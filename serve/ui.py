@@ -18,9 +18,10 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from chat.assistant import GenerationSettings
-from serve.engine import Engine, Job, Result
+from serve.engine import Engine
 from serve.errors import ServeError, bad_request, too_large
 from serve.inputs import Limits, decode_image, join_question
+from serve.jobs import Job, Result
 from serve.postprocess import Options as PostOptions
 from serve.speech import Transcriber
 

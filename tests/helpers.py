@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -65,7 +64,7 @@ def make_toy_data(root: Path) -> tuple[Path, Path]:
 
 
 def tiny_config(lm: Path, clip: Path, data: tuple[Path, Path], out: Path, **train):
-    from train.config import (
+    from runtime.config import (
         DataConfig,
         LoraConfig,
         ModelConfig,

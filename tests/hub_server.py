@@ -464,6 +464,10 @@ class LocalHub:
             return self._create_repo(json.loads(body or b"{}"))
         if method == "POST" and seg[1:] == ["validate-yaml"]:
             return _json({"errors": [], "warnings": []})
+        if method == "GET" and len(seg) == 4 and seg[1] == "organizations" and seg[3] == "overview":
+            # No organizations here. bitsandbytes' CPU backend asks for kernels-community's when imported
+            # (a trust check by the `kernels` package before it fetches a kernel) and falls back without it.
+            raise HubError(404, f"Organization '{seg[2]}' not found")
         if len(seg) < 4 or seg[1] not in ("models", "datasets"):
             return None
         repo_type, repo_id, rest = seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[4:]

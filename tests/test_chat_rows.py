@@ -155,7 +155,7 @@ def test_logit_bias_is_added_to_the_logits(chat):
     token = chat.tokenizer.encode(" sea", add_special_tokens=False)[0]
     out = one(chat, HI, GenerationSettings(max_new_tokens=4, logit_bias={token: 100.0}))
     assert out.token_ids == [token] * 4
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="outside the model.s vocabulary"):
         one(chat, HI, GenerationSettings(max_new_tokens=4, logit_bias={10**7: 1.0}))
 
 

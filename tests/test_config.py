@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, RunConfig, load_config
+from runtime.config import ConfigError, RunConfig, load_config
 
 CONFIGS = Path(__file__).parent.parent / "train" / "configs"
 
@@ -58,3 +58,20 @@ def test_values_are_type_checked(tmp_path):
         load_config(None, ["train.batch_size=many"])
     with pytest.raises(ConfigError, match="train.gradient_checkpointing: expected bool"):
         load_config(None, ["train.gradient_checkpointing=3"])
+
+
+def test_model_config_reaches_phiclip_config_through_one_mapping():
+    """Every ModelConfig field is either carried into PhiClipConfig by PHICLIP_FIELDS or named as a load-time one."""
+    import dataclasses
+    import inspect
+
+    from configuration_phiclip import PhiClipConfig
+    from runtime.config import PHICLIP_FIELDS, ModelConfig
+
+    accepted = set(inspect.signature(PhiClipConfig.__init__).parameters)
+    assert set(PHICLIP_FIELDS.values()) <= accepted
+    load_time = {"lm", "vision", "image_aspect", "dtype", "attn_implementation"}
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == set(PHICLIP_FIELDS) | load_time
+    cfg = ModelConfig(lm_revision="abc", vision_feature_layer=[-2, -1], image_features="pooled")
+    built = PhiClipConfig(**cfg.phiclip_fields())
+    assert (built.text_revision, built.vision_feature_layer, built.image_features) == ("abc", [-2, -1], "pooled")

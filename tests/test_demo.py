@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_config
-from train.records import read_records
+from data.sources import read_records
+from runtime.config import load_config
 
 DEMO = Path(os.environ.get("PHICLIP_DEMO_RUN", Path(__file__).resolve().parents[1] / "runs" / "demo"))
 pytestmark = pytest.mark.skipif(
@@ -60,7 +60,7 @@ def new_scenes(n: int):
     """Scenes from a seed stream the dataset never uses."""
     import numpy as np
 
-    from demo.shapes import render_scene, sample_scene
+    from offline.shapes import render_scene, sample_scene
 
     rng = np.random.default_rng(987654)
     return [(scene, render_scene(scene)) for scene in (sample_scene(rng) for _ in range(n))]

@@ -11,7 +11,6 @@ Only rank 0 may write the run directory, and a group torn down by a SIGKILL must
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from helpers import tiny_config, write_image
 from safetensors.torch import load_file
 
-from train.config import RunConfig
+from runtime.config import RunConfig
 from train.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,13 +194,3 @@ def test_shipped_accelerate_configs_load_and_name_only_known_options():
         kinds[path.stem] = (config.distributed_type.value, (config.deepspeed_config or {}).get("zero_stage"))
     assert kinds == {"cpu-2proc": ("MULTI_GPU", None), "ddp": ("MULTI_GPU", None), "fsdp": ("FSDP", None),
                      "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}
-
-
-def test_gpu_check_builds_and_trains_at_tiny_size(capsys):
-    """benchmarks/gpu_check.py is run by hand on a GPU machine; ``--tiny`` takes the same path on this CPU."""
-    main = runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"), run_name="gpu_check")["main"]
-    rows = main(["--tiny", "--steps", "1"])
-    assert [row.batch for row in rows] == [1, 2]
-    assert all(row.tokens_s > 0 and not row.oom for row in rows)
-    out = capsys.readouterr().out
-    assert "16 image tokens, 64 positions per sample" in out and "largest batch run: 2" in out

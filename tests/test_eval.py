@@ -163,8 +163,8 @@ def test_load_eval_set(tmp_path):
 
 def test_eval_sets_are_read_like_training_data(tmp_path):
     """One reader: a broken line or file is reported the same way by evaluation and training."""
+    from data.sources import read_records
     from evaluation.evaluate import load_eval_set
-    from train.records import read_records
 
     data, images = _eval_set(tmp_path)
     jsonl = tmp_path / "eval.jsonl"
@@ -199,8 +199,8 @@ def test_score_answers_by_type(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_run, tmp_path_factory):
-    from evaluation.evaluate import evaluate_run
     from chat.assistant import VisionChat
+    from evaluation.evaluate import evaluate_run
 
     root = tmp_path_factory.mktemp("eval-set")
     data, images = _eval_set(root)
@@ -242,8 +242,8 @@ def test_report_is_self_contained(tiny_eval, tiny_run, tmp_path):
 
 
 def test_compare_table(tmp_path, capsys):
-    from phiclip_cli import main
     from evaluation.report import compare_table
+    from phiclip_cli import main
 
     for name, score, types in (("run-a", 0.5, {"colour": 0.25}), ("run-b", 0.75, {"count": 1.0})):
         folder = tmp_path / name / "eval" / "shapes"

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +162,6 @@ def test_a_plain_mtmd_chat_handler_feeds_llamacpp_phiclips_prompt(clip_export, c
 @pytest.mark.parametrize("shape", ["string", "typed"])
 def test_llama_servers_own_template_engine_places_markers_as_phiclip(clip_export, clip_model, tmp_path, shape):
     """llama-server renders with llama.cpp's Jinja engine; a media message arrives as "<marker>text" or typed parts."""
-    import subprocess
-
     from gguf import GGUFReader
 
     _, processor = clip_model
@@ -323,7 +324,7 @@ def smollm2_export(tmp_path_factory) -> tuple[Path, Path]:
     """A PhiClip on the real SmolLM2-135M-Instruct (offline copy), trained one step, exported with its text route."""
     from tiny_models import build_tiny_run, save_tiny_clip
 
-    from demo.offline import SMOLLM2, resolve
+    from runtime.models import SMOLLM2, resolve
 
     root = tmp_path_factory.mktemp("smollm2")
     run = build_tiny_run(root, resolve(f"offline:{SMOLLM2}"), save_tiny_clip(root / "clip"), steps=1)
@@ -411,9 +412,6 @@ def test_demo_text_only_route_names_paris(demo_export):
 
 
 def test_push_gguf_uploads_the_export_in_one_commit(clip_export, tmp_path):
-    import subprocess
-    import sys
-
     from hub_server import LocalHub, hub_env
 
     repo = "local-user/tiny-GGUF"
@@ -436,9 +434,9 @@ def test_push_gguf_uploads_the_export_in_one_commit(clip_export, tmp_path):
 @needs_demo
 def test_demo_two_image_questions_in_llamacpp(demo_export, tmp_path):
     """Several images in one message: llama.cpp's exact match on the demo's two-image task stays PhiClip's."""
+    from data.sources import read_records
     from evaluation.metrics import exact_match
-    from train.config import load_config
-    from train.records import read_records
+    from runtime.config import load_config
 
     pairs = json.loads((DEMO / "eval.json").read_text())["two_image"]
     records, _ = read_records(pairs["data"])
@@ -452,3 +450,14 @@ def test_demo_two_image_questions_in_llamacpp(demo_export, tmp_path):
     print(f"demo two-image questions, llama.cpp f16: exact match {score:.3f} on {len(items)} "
           f"(PhiClip {pairs['exact_match']:.3f})")
     assert score >= pairs["exact_match"] - 0.05
+
+
+@needs_demo
+def test_gguf_benchmark_small_runs_and_prints_its_ratio():
+    """benchmarks/gguf.py in its small mode: the demo exported now, PhiClip and llama.cpp timed, the closing line."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gguf.py"), "--run", str(DEMO), "--small"],
+                         capture_output=True, text=True, cwd=root, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert re.search(r"^llama\.cpp q4_k_m\s", out.stdout, re.M)
+    assert re.fullmatch(r"llama\.cpp q8_0 decode vs PhiClip: [0-9.]+x", out.stdout.strip().splitlines()[-1])

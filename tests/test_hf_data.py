@@ -22,10 +22,10 @@ from helpers import make_toy_data, tiny_config, write_image
 datasets = pytest.importorskip("datasets")
 from datasets import Dataset, DatasetDict, Features, Image, List, Value  # noqa: E402
 
-from train.check import check_dataset  # noqa: E402
-from train.hf_records import parse_source  # noqa: E402
-from train.images import RowImage  # noqa: E402
-from train.records import read_records  # noqa: E402
+from data.check import check_dataset  # noqa: E402
+from data.hf_records import parse_source  # noqa: E402
+from data.images import RowImage  # noqa: E402
+from data.sources import read_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -401,7 +401,7 @@ import os, signal, sys, torch
 torch.set_num_threads(1)
 from transformers import TrainerCallback
 import train.trainer as T
-from train.config import load_config
+from runtime.config import load_config
 from train.run import train
 
 CRASH_AFTER = int(sys.argv[2])
@@ -488,7 +488,7 @@ def test_two_processes_stream_their_own_shards_and_resume(tmp_path, tiny_llama_d
 
 
 def test_each_process_streams_its_own_rows(tmp_path):
-    from train.streaming import open_stream
+    from data.streaming import open_stream
 
     data = streaming_data(tmp_path)
     single = data / "data" / "train-00000-of-00002.parquet"  # one shard: every other row to each process
@@ -504,7 +504,7 @@ def test_each_process_streams_its_own_rows(tmp_path):
 
 def test_streamed_positions_cover_each_pass_once(tmp_path):
     """A pass yields every row of the stream once, shuffled within blocks, another order the next pass."""
-    from train.streaming import open_stream
+    from data.streaming import open_stream
 
     stream = open_stream(str(streaming_data(tmp_path)), None, None, seed=3, block_rows=5, workers=0)
     passes = [[(row.index, position["block"]) for row, position in stream.pass_rows(epoch)] for epoch in (0, 1)]
@@ -518,9 +518,9 @@ def test_streamed_positions_cover_each_pass_once(tmp_path):
 
 HUB_CLIENT = """
 import json, sys
-from train.check import check_dataset
-from train.records import read_records
-from train.hf_records import load_rows
+from data.check import check_dataset
+from data.sources import read_records
+from data.hf_records import load_rows
 
 out = {}
 for source in sys.argv[1:]:
@@ -577,16 +577,3 @@ def test_hub_dataset_through_the_local_hub(tmp_path):
     assert out[sources[1]] == {"ids": ids[:3], "read": 3, "checked": 3, "streamed": ids[:3]}  # pinned: first commit
     assert out[sources[2]] == {"ids": ids[:3], "read": 3, "checked": 3, "streamed": ids[:3]}
     assert out[sources[3]]["ids"] == [f"#{i}" for i in range(13)] and out[sources[3]]["checked"] == 13
-
-
-def test_data_throughput_benchmark_runs_at_tiny_size(tiny_llama_dir):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--records", "16",
-                          "--rounds", "1", "--workers", "0,1", "--tokenizer", str(tiny_llama_dir)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split() for line in out.stdout.splitlines()
-            if line.split()[:1] in (["json"], ["parquet"], ["stream"]) and "/" not in line]
-    assert [(r[0], r[1]) for r in rows] == [(p, w) for w in ("0", "1") for p in ("json", "parquet", "stream")]
-    assert all(float(r[2]) > 0 for r in rows) and [r[4] for r in rows if r[0] == "json"] == ["1.00x", "1.00x"]
-    assert re.search(r"per-image cost .*: [0-9.]+ ms", out.stdout)
-    assert re.search(r"parquet / json at 0 workers: [0-9.]+x", out.stdout)

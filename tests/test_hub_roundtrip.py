@@ -18,7 +18,7 @@ import json, sys
 import torch
 from safetensors.torch import load_file, save_file
 from huggingface_hub import HfApi
-from train.push import push
+from publish.push import push
 run, image, out = sys.argv[1:4]
 first = push(run, "{repo}", [(image, "Is it bright?"), (image, "What is it?")])
 # A second commit that changes the projector: main moves on, the first sha must still give the first model.

@@ -183,9 +183,9 @@ def capture_generate(monkeypatch, *classes):
 
 
 def through_dataset(processor, path: Path) -> torch.Tensor:
-    from train.dataset import LlavaDataset
-    from train.images import ImageResolver
-    from train.records import Report, Turn, Record
+    from data.dataset import LlavaDataset
+    from data.images import ImageResolver
+    from data.records import Record, Report, Turn
 
     record = Record("r", [Turn("user", f"<image>\n{QUESTION}"), Turn("assistant", "A picture.")], images=[path.name])
     report = Report()

@@ -4,15 +4,15 @@ import shutil
 
 import pytest
 import torch
+from helpers import transformers_log
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import TextIteratorStreamer
 
 from chat.assistant import GenerationSettings, VisionChat, load_parts
-from helpers import transformers_log
 from modeling_phiclip import PROJECTOR_FILE, PhiClipForCausalLM
+from runtime.config import ModelConfig
 from train.build import build_model
-from train.config import ModelConfig
 
 
 def _image(colour=(200, 30, 30)):

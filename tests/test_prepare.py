@@ -474,9 +474,9 @@ def test_coco_2014_names_resolve_by_id(tmp_path):
 
 
 def test_check_finds_exactly_what_training_reads(tmp_path):
+    from data.images import ImageResolver
+    from data.sources import read_records
     from processing_phiclip import ImageError
-    from train.images import ImageResolver
-    from train.records import read_records
 
     images = tmp_path / "images"
     (images / "train2017").mkdir(parents=True)
@@ -573,9 +573,9 @@ def test_phiclip_prepare_command(server, data, tmp_path, capsys):
 
 def test_prepare_also_writes_a_parquet_dataset(server, data, tmp_path, capsys, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    from data.check import check_dataset
+    from data.sources import read_records
     from phiclip_cli import main
-    from train.check import check_dataset
-    from train.records import read_records
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
     out = tmp_path / "o"

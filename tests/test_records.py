@@ -9,10 +9,10 @@ import pytest
 from helpers import write_image
 from PIL import Image
 
+from data.check import check_dataset
+from data.images import ImageResolver
+from data.sources import read_records
 from processing_phiclip import open_image, prepare_image
-from train.check import check_dataset
-from train.images import ImageResolver
-from train.records import read_records
 
 
 def conv(q="<image>\nWhat?", a="A thing."):
@@ -156,7 +156,7 @@ def test_coco_names_resolve_both_ways(tmp_path, on_disk):
 
 
 def test_data_stats_counts_records_turns_and_long_ones(toy_data, tiny_llama_dir):
-    from train.stats import dataset_stats
+    from data.stats import dataset_stats
 
     path, _ = toy_data
     text = dataset_stats(path, tokenizer=str(tiny_llama_dir), max_length=45)

@@ -20,10 +20,12 @@ from PIL import Image
 
 from chat.assistant import GenerationSettings, VisionChat
 from serve.config import ServeConfig
-from serve.engine import REFINE_PROMPT, Engine, Job
+from serve.engine import Engine
 from serve.errors import ServeError
+from serve.jobs import Job
 from serve.postprocess import clean
 from serve.server import build_app, load_engine, load_transcriber
+from serve.work import REFINE_PROMPT
 
 MAX_UPLOAD_MB = 2.0
 MAX_IMAGES = 3
@@ -536,7 +538,7 @@ def test_demo_run_answers_image_and_text_questions():
     run = os.environ.get("PHICLIP_DEMO_RUN") or str(Path(__file__).resolve().parents[1] / "runs" / "demo")
     if not (Path(run) / "config.yaml").is_file():
         pytest.skip(f"no demo run at {run} (make demo, or set PHICLIP_DEMO_RUN)")
-    from demo.shapes import render_scene, sample_scene
+    from offline.shapes import render_scene, sample_scene
 
     config = ServeConfig(ui=False, whisper_model=None)
     engine = load_engine(run, config)

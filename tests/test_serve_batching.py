@@ -31,14 +31,14 @@ def server(serve_run):
     engine = load_engine(serve_run, config)
     calls: list[dict] = []  # what each generate() call held
     chat = engine.chats[0]
-    complete = chat.complete
+    complete = chat.complete_prompts
 
-    def recording(conversations, images, settings=None, *args, **kwargs):
-        out = complete(conversations, images, settings, *args, **kwargs)
-        calls.append({"routes": {bool(i) for i in images}, "rows": len(conversations), "completions": out})
+    def recording(prompts, settings=None, *args, **kwargs):
+        out = complete(prompts, settings, *args, **kwargs)
+        calls.append({"routes": {bool(p.images) for p in prompts}, "rows": len(prompts), "completions": out})
         return out
 
-    chat.complete = recording
+    chat.complete_prompts = recording
     with LiveServer(build_app(engine, None, config)) as live:
         live.engine, live.calls = engine, calls
         yield live

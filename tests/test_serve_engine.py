@@ -6,9 +6,10 @@ import threading
 
 import pytest
 
-from chat.assistant import Completion, GenerationSettings
-from serve.engine import Engine, Job
+from chat.assistant import Completion, GenerationSettings, Prompt
+from serve.engine import Engine
 from serve.errors import ServeError
+from serve.jobs import Job
 
 HI = [{"role": "user", "content": "Hi"}]
 # Three pieces whose text re-tokenizes to anything but three tokens.
@@ -25,14 +26,14 @@ class ScriptedChat:
         self.finish = finish
         self.gate = gate
 
-    def prompt_length(self, messages, n_images: int = 0) -> int:
-        return 4
+    def prompt(self, messages, images=None) -> Prompt:
+        return Prompt([1, 2, 3, 4], list(images or []), 4)
 
-    def complete(self, conversations, images, settings=None, *, sinks=None, cancelled=None) -> list[Completion]:
+    def complete_prompts(self, prompts, settings=None, *, sinks=None, cancelled=None) -> list[Completion]:
         if self.gate is not None:
             self.gate.wait(10)
         out = []
-        for row in range(len(conversations)):
+        for row in range(len(prompts)):
             for token, piece in self.script:
                 if token < 0:
                     raise RuntimeError("the model broke")

@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes dataset (demo.shapes)."""
+"""Tests for the synthetic shapes scenes and dataset (offline.shapes, offline.shapes_data)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.shapes import (
+from offline.shapes import (
     ATTRIBUTES,
     COLORS,
     COUNTS,
@@ -21,11 +21,11 @@ from demo.shapes import (
     SIDES,
     ShapeScene,
     answer_for,
-    make_shapes_dataset,
     render_scene,
     sample_scene,
     scene_labels,
 )
+from offline.shapes_data import make_shapes_dataset
 
 N_TRAIN, N_EVAL = 24, 6
 
@@ -225,7 +225,7 @@ def test_reuse_does_not_rewrite(tmp_path: Path) -> None:
 
 def test_two_image_records(tmp_path: Path) -> None:
     """Pair records: LLaVA-OneVision layout, answers from the two rendered scenes, eval pairs on eval images only."""
-    from demo.shapes import PAIR_QUESTIONS, pair_answer
+    from offline.shapes import PAIR_QUESTIONS, pair_answer
 
     ds = make_shapes_dataset(tmp_path / "pairs", 12, 6, seed=1, n_train_pairs=9, n_eval_pairs=5)
     train = json.loads(ds.train_json.read_text())
@@ -242,7 +242,7 @@ def test_two_image_records(tmp_path: Path) -> None:
         assert human["value"].count("<image>") == 2
         assert human["value"].replace("<image>\n", "") in PAIR_QUESTIONS
         assert gpt["value"] == pair_answer(scenes[first], scenes[second])
-    from train.records import read_records
+    from data.sources import read_records
 
     records, report = read_records(ds.eval_pairs_json)
     assert not report.problems and all(len(r.images) == 2 for r in records)

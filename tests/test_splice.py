@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from runtime.config import ModelConfig
 from train.build import build_model
-from train.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import json
 import pytest
 from helpers import TEMPLATES, tokenizer_with_template
 
+from data.records import Turn
+from data.template import IGNORE_INDEX, TemplateError, encode_conversation, to_messages
 from processing_phiclip import PhiClipProcessor
-from train.records import Turn
-from train.template import IGNORE_INDEX, TemplateError, encode_conversation, to_messages
 
 END_OF_TURN = {"chatml": "<|im_end|>", "phi3": "<|end|>", "llama3": "<|eot_id|>"}
 TURNS = [

@@ -1,4 +1,4 @@
-"""Tests for the tiny shapes-pretrained SigLIP-architecture vision tower (demo.tiny_tower)."""
+"""Tests for the tiny shapes-pretrained SigLIP-architecture vision tower (offline.tower, offline.tower_training)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from demo.shapes import QUESTION_TYPES, render_scene, sample_scene
-from demo.tiny_tower import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    pretrain_shapes_tower,
-    tower_config,
-    tower_image_processor,
-)
+from offline.shapes import QUESTION_TYPES, render_scene, sample_scene
+from offline.tower import IMAGE_MEAN, IMAGE_STD, tower_config, tower_image_processor
+from offline.tower_training import TowerConfig, pretrain_shapes_tower
 
 # A tiny, fast configuration: the test only checks plumbing, not accuracy.
 TINY = {
@@ -35,14 +30,13 @@ TINY = {
     "eval_every": 20,
     "n_val_images": 64,
     "n_probe_images": 64,
-    "progress": False,
 }
 
 
 @pytest.fixture(scope="module")
 def tower(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tower") / "tiny"
-    return out, pretrain_shapes_tower(out, **TINY)
+    return out, pretrain_shapes_tower(out, TowerConfig(**TINY), progress=False)
 
 
 def test_tower_config() -> None:
@@ -123,7 +117,7 @@ def test_probe_json_and_loss_decreases(tower: tuple[Path, dict]) -> None:
 def test_reuse_does_not_retrain(tower: tuple[Path, dict]) -> None:
     out, probe = tower
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    again = pretrain_shapes_tower(out, **TINY)
+    again = pretrain_shapes_tower(out, TowerConfig(**TINY), progress=False)
     assert again["reused"]
     assert again["accuracy"] == probe["accuracy"]
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
@@ -139,6 +133,6 @@ def test_a_tower_cached_with_other_settings_is_rebuilt(tower: tuple[Path, dict],
     stored = json.loads((old / "probe.json").read_text())
     stored["params"] = {k: v for k, v in stored["params"].items() if k != "architecture"} | {"version": 1}
     (old / "probe.json").write_text(json.dumps(stored))
-    again = pretrain_shapes_tower(old, **TINY)
+    again = pretrain_shapes_tower(old, TowerConfig(**TINY), progress=False)
     assert not again["reused"]
     assert json.loads((old / "probe.json").read_text())["params"]["architecture"] == "siglip"

@@ -5,17 +5,18 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import make_toy_data, tiny_config
 from safetensors.torch import load_file
 
-from train.config import load_config
-from train.dataset import LlavaDataset
-from train.images import ImageResolver
-from train.records import read_records
-from train.template import IGNORE_INDEX
+from data.dataset import LlavaDataset
+from data.images import ImageResolver
+from data.sources import read_records
+from data.template import IGNORE_INDEX
+from runtime.config import load_config
 from train.build import build_model
 from train.run import train
 
@@ -101,7 +102,7 @@ def _train_script(cfg_path, crash_after: int | None) -> str:
     lines = [
         "import os, signal, sys, torch",
         "torch.set_num_threads(1)",
-        "from train.config import load_config",
+        "from runtime.config import load_config",
         "from train.run import train",
     ]
     if crash_after is not None:
@@ -157,7 +158,7 @@ def test_continued_round_starts_from_and_keeps_earlier_weights(tmp_path, tiny_ru
 
 
 def test_validation_split_is_stable_and_disjoint(tmp_path, tiny_llama_dir, tiny_clip_dir):
-    from train.records import Record, Turn
+    from data.records import Record, Turn
     from train.run import split_records
 
     records = [Record(id=f"id{i}", turns=[Turn("user", "q"), Turn("assistant", "a")]) for i in range(200)]
@@ -294,3 +295,25 @@ def test_bad_records_never_stop_training(tmp_path, tiny_llama_dir, tiny_clip_dir
     assert "too long" in reasons["long"]
     assert "unreadable image" in reasons["r1"]  # img3.png belongs to record id r1
     assert report["n_read"] == 15
+
+
+def test_offline_qlora_train_and_chat_print_no_kernel_fetch_notice(tmp_path, tiny_llama_dir, tiny_clip_dir):
+    """Offline, `phiclip train` (NF4) and `phiclip chat` on its run print nothing about fetching kernels,
+    no deprecation warning of PhiClip's own checkpointing call, and no error line."""
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_config(tiny_llama_dir, tiny_clip_dir, make_toy_data(tmp_path), tmp_path / "run", max_steps=2)
+    cfg.lora.quantize = "nf4"
+    cfg.save(tmp_path / "qlora.yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    trained = subprocess.run([sys.executable, "-m", "phiclip_cli", "train", str(tmp_path / "qlora.yaml")],
+                             capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    answered = subprocess.run([sys.executable, "-m", "phiclip_cli", "chat", str(tmp_path / "run"), "Hello?",
+                               "--max-new-tokens", "2"], capture_output=True, text=True, env=env, cwd=root,
+                              timeout=600)
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    for stderr in (trained.stderr, answered.stderr):
+        assert "kernels-community" not in stderr and "gemm_4bit_forward" not in stderr
+        assert "gradient_checkpointing_enable" not in stderr
+        assert not [line for line in stderr.splitlines() if "ERROR" in line or line.startswith("Error")]

@@ -11,12 +11,12 @@ from helpers import make_toy_data, tiny_config
 from transformers import LlamaForCausalLM, TrainingArguments
 
 import processing_phiclip
-from train.dataset import Collator, EpochLengthGroupedSampler, LlavaDataset
-from train.images import ImageResolver
+from data.dataset import Collator, EpochLengthGroupedSampler, LlavaDataset
+from data.images import ImageResolver
+from data.sources import read_records
+from data.template import IGNORE_INDEX
 from train.loss import reads_boolean_logits_to_keep
-from train.records import read_records
 from train.run import prepare_model
-from train.template import IGNORE_INDEX
 from train.trainer import PhiClipTrainer
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from train.records import Turn
-from train.transforms import STOPWORDS_INSTALL, drop_stopwords, english_stopwords, transform_answers
+from data.records import Turn
+from data.transforms import STOPWORDS_INSTALL, drop_stopwords, english_stopwords, transform_answers
 
 
 def test_stopwords_come_from_the_nltk_corpus(nltk_stopwords):
@@ -49,10 +49,10 @@ def no_stopwords_corpus(tmp_path, monkeypatch):
 def test_missing_corpus_stops_the_dataset_with_the_install_command(no_stopwords_corpus, smol_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer, CLIPImageProcessorPil
 
+    from data.dataset import LlavaDataset
+    from data.images import ImageResolver
+    from data.records import Record, Report
     from processing_phiclip import PhiClipProcessor
-    from train.dataset import LlavaDataset
-    from train.images import ImageResolver
-    from train.records import Record, Report
 
     records = [Record("a", [Turn("user", "Hi"), Turn("assistant", "Hello there.")])]
     processor = PhiClipProcessor.from_parts(CLIPImageProcessorPil(), AutoTokenizer.from_pretrained(smol_tokenizer_dir))
@@ -67,6 +67,6 @@ def test_missing_corpus_stops_the_dataset_with_the_install_command(no_stopwords_
 
 def test_importing_training_needs_neither_nltk_nor_its_corpus(tmp_path):
     env = {**os.environ, "NLTK_DATA": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
-    code = "import sys, train.transforms, train.dataset; print('nltk' in sys.modules)"
+    code = "import sys, data.transforms, data.dataset; print('nltk' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

@@ -138,7 +138,7 @@ def _probe(run: Path, side: int, folder: Path) -> tuple[Path, str]:
     if _is_demo(run):
         import numpy as np
 
-        from demo.shapes import render_scene, sample_scene
+        from offline.shapes import render_scene, sample_scene
 
         render_scene(sample_scene(np.random.default_rng(5)), image_size=side).save(folder / "probe.png")
         return folder / "probe.png", "What color is the shape?"

@@ -64,7 +64,7 @@ def tiny_backbones(out: Path, tokenizer_dir: str | Path | None = None) -> tuple[
 
     out = Path(out)
     if tokenizer_dir is None:
-        from demo.offline import SMOLLM2, resolve
+        from runtime.models import SMOLLM2, resolve
 
         tokenizer_dir = resolve(f"offline:{SMOLLM2}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -75,7 +75,7 @@ def tiny_backbones(out: Path, tokenizer_dir: str | Path | None = None) -> tuple[
 
 def build_tiny_run(out: Path, lm_dir: str | Path, vision_dir: str | Path, steps: int = 4) -> Path:
     """Train ``steps`` steps on random images; returns the run directory (``out / 'run'``)."""
-    from train.config import (
+    from runtime.config import (
         DataConfig,
         LoraConfig,
         ModelConfig,

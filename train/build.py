@@ -13,10 +13,11 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 from configuration_phiclip import PhiClipConfig
-from demo import offline
 from modeling_phiclip import PhiClipForCausalLM, vision_tower_class
 from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
-from train.config import LoraConfig, ModelConfig
+from runtime.config import LoraConfig, ModelConfig
+from runtime.devices import default_device, pick_dtype, quantization
+from runtime.models import resolve
 
 
 @dataclass
@@ -34,36 +35,6 @@ class Built:
     @property
     def image_processor(self):
         return self.processor.image_processor
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are very slow without AVX-512); bf16 on GPUs that have it."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def quantization(lora: LoraConfig, dtype: torch.dtype):
-    """bitsandbytes NF4 settings for QLoRA, or None."""
-    if lora.quantize == "none":
-        return None
-    if lora.quantize != "nf4":
-        raise ValueError(f"lora.quantize: '{lora.quantize}' is not one of none, nf4")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["lm_head"],
-    )
 
 
 def _vision_config(path: str, revision: str | None):
@@ -84,8 +55,8 @@ def build_model(
     lora = lora or LoraConfig(enabled=False)
     device = device or default_device()
     dtype = pick_dtype(cfg.dtype, device)
-    lm_path = offline.resolve(cfg.lm)
-    vision_path = offline.resolve(cfg.vision)
+    lm_path = resolve(cfg.lm)
+    vision_path = resolve(cfg.vision)
 
     processor = PhiClipProcessor.from_parts(
         AutoImageProcessor.from_pretrained(vision_path), AutoTokenizer.from_pretrained(lm_path), system_prompt,
@@ -103,17 +74,12 @@ def build_model(
 
     config = PhiClipConfig(
         text_model=lm_path,
-        text_revision=cfg.lm_revision,
         vision_model=vision_path,
-        vision_revision=cfg.vision_revision,
         text_config={k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"},
         vision_config=_vision_config(vision_path, cfg.vision_revision).to_dict(),
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        image_features=cfg.image_features,
-        projector_init_std=cfg.projector_init_std,
         image_token=IMAGE_TOKEN,
         image_token_id=processor.image_token_id,
+        **cfg.phiclip_fields(),
     )
     if config.vision_config.model_type.startswith("siglip") and cfg.vision_feature_select_strategy == "default":
         raise ValueError("SigLIP towers have no CLS token: set model.vision_feature_select_strategy: full")

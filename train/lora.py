@@ -11,7 +11,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from modeling_phiclip import PhiClipForCausalLM
-from train.config import LoraConfig
+from runtime.config import LoraConfig
 
 
 def language_model_linears(lm: torch.nn.Module) -> list[str]:
@@ -21,16 +21,16 @@ def language_model_linears(lm: torch.nn.Module) -> list[str]:
                    if isinstance(module, torch.nn.Linear) and module is not head})
 
 
-def _prepare_quantized(model: PhiClipForCausalLM, gradient_checkpointing: bool) -> None:
+def _prepare_quantized(model: PhiClipForCausalLM) -> None:
+    """PEFT's k-bit preparation (norms in fp32, frozen base); checkpointing is switched on by the caller
+    for the whole model (``train.checkpointing``), not here through the LM's deprecated method."""
     if getattr(model.language_model, "is_loaded_in_4bit", False):
-        model.language_model = prepare_model_for_kbit_training(
-            model.language_model, use_gradient_checkpointing=gradient_checkpointing
-        )
+        model.language_model = prepare_model_for_kbit_training(model.language_model, use_gradient_checkpointing=False)
 
 
-def attach_lora(model: PhiClipForCausalLM, cfg: LoraConfig, gradient_checkpointing: bool) -> PhiClipForCausalLM:
+def attach_lora(model: PhiClipForCausalLM, cfg: LoraConfig) -> PhiClipForCausalLM:
     """A fresh LoRA adapter on every linear layer of the LM (or ``cfg.target_modules``)."""
-    _prepare_quantized(model, gradient_checkpointing)
+    _prepare_quantized(model)
     targets = cfg.target_modules or language_model_linears(model.language_model)
     if not targets:
         raise ValueError("no linear layers found in the language model to put LoRA on")
@@ -41,8 +41,8 @@ def attach_lora(model: PhiClipForCausalLM, cfg: LoraConfig, gradient_checkpointi
     return model
 
 
-def load_lora(model: PhiClipForCausalLM, adapter_dir: str, gradient_checkpointing: bool) -> PhiClipForCausalLM:
+def load_lora(model: PhiClipForCausalLM, adapter_dir: str) -> PhiClipForCausalLM:
     """An earlier round's adapter, trainable, to continue training it."""
-    _prepare_quantized(model, gradient_checkpointing)
+    _prepare_quantized(model)
     model.language_model = PeftModel.from_pretrained(model.language_model, adapter_dir, is_trainable=True)
     return model

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.template import IGNORE_INDEX
+from data.template import IGNORE_INDEX
 
 
 def reads_boolean_logits_to_keep(language_model: nn.Module) -> bool:

@@ -26,19 +26,22 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from data.dataset import Collator, Encoder, LlavaDataset, in_validation
+from data.images import ImageResolver
+from data.records import Problem, Record, Report
+from data.sources import images_dir, read_records
+from data.streaming import StreamingLlavaDataset, open_stream
+from data.transforms import english_stopwords
 from modeling_phiclip import ADAPTER_DIR, PROJECTOR_FILE, VISION_FILE
-from train.config import RunConfig
-from train.dataset import Collator, Encoder, LlavaDataset, in_validation
-from train.images import ImageResolver
-from train.records import Problem, Record, Report, images_dir, read_records
-from train.streaming import StreamingLlavaDataset, open_stream
-from train.transforms import english_stopwords
-from train.build import Built, build_model, default_device
+from runtime.config import RunConfig
+from runtime.devices import default_device
+from runtime.rundir import MODEL_DIR, model_dir
+from train.build import Built, build_model
+from train.checkpointing import enable_activation_checkpointing
 from train.lora import attach_lora, load_lora
-from train.weights import load_trainable
 from train.plots import plot_losses
-from train.rundir import MODEL_DIR, model_dir
 from train.trainer import STREAM_STATE_FILE, PhiClipTrainer
+from train.weights import load_trainable
 
 
 def split_records(
@@ -83,9 +86,9 @@ def prepare_model(cfg: RunConfig, device: torch.device | None = None) -> Built:
         raise FileNotFoundError(f"train.continue_from: {cfg.train.continue_from} is not a finished run (no projector)")
     if use_lora:
         if previous is not None and (previous / ADAPTER_DIR).is_dir():
-            load_lora(model, str(previous / ADAPTER_DIR), cfg.train.gradient_checkpointing)
+            load_lora(model, str(previous / ADAPTER_DIR))
         else:
-            attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+            attach_lora(model, cfg.lora)
     if previous is not None:
         load_trainable(model, previous, adapter=(previous / ADAPTER_DIR).is_dir())
     model.projector.requires_grad_(True)
@@ -93,8 +96,7 @@ def prepare_model(cfg: RunConfig, device: torch.device | None = None) -> Built:
         model.vision_tower.requires_grad_(True)
         model.config.vision_weights = VISION_FILE
     if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
     return built
 
 

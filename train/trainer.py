@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from train.dataset import IMAGE_ERRORS, STREAM_STATE, EpochLengthGroupedSampler, LlavaDataset
+from data.dataset import IMAGE_ERRORS, STREAM_STATE, EpochLengthGroupedSampler, LlavaDataset
+from data.streaming import StreamingLlavaDataset
 from train.loss import loss_only_inputs, reads_boolean_logits_to_keep
-from train.streaming import StreamingLlavaDataset
 from train.weights import load_trainable
 
 logger = logging.getLogger(__name__)

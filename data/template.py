@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data.records import Turn
+from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import IGNORE_INDEX, PhiClipProcessor, TemplateError
-from train.records import Turn
 
 __all__ = ["IGNORE_INDEX", "Encoded", "TemplateError", "encode_conversation", "to_messages"]
 
@@ -58,7 +59,7 @@ def encode_conversation(
     image_id = processor.image_token_id
 
     def positions(end: int) -> int:  # LM positions taken by ids[:end], each image counted as its features
-        return end + (n_image_tokens - 1) * ids[:end].count(image_id)
+        return PhiClipForCausalLM.spliced_length(end, ids[:end].count(image_id), n_image_tokens)
 
     n_turns = len(turn_ends)
     if positions(len(ids)) > max_length:

@@ -12,7 +12,7 @@ import os
 import re
 import string
 
-from train.records import Turn
+from data.records import Turn
 
 STOPWORDS_INSTALL = "python -m nltk.downloader stopwords"
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")

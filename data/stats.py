@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from train.records import read_records
-from train.template import to_messages
+from data.sources import read_records
+from data.template import to_messages
 
 
 def _histogram(lengths: list[int], max_length: int, bins: int = 10, width: int = 40) -> list[str]:
@@ -26,10 +26,10 @@ def dataset_stats(data: str | Path, tokenizer: str, max_length: int = 2048) -> s
     """A printable summary; token lengths use the chat template, image features not counted."""
     from transformers import AutoTokenizer
 
-    from demo import offline
+    from runtime.models import resolve
 
     records, report = read_records(data)
-    tok = AutoTokenizer.from_pretrained(offline.resolve(tokenizer))
+    tok = AutoTokenizer.from_pretrained(resolve(tokenizer))
     lengths = []
     turns: Counter = Counter()
     for record in tqdm(records, desc="tokenizing", unit="rec", mininterval=1):

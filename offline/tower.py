@@ -1,10 +1,11 @@
-"""Tiny SigLIP-architecture vision tower pretrained from scratch on synthetic shapes.
+"""Tiny SigLIP-architecture vision tower pretrained from scratch on synthetic shapes: the model side
+(config, image processor, probe heads, saving and probing); :mod:`offline.tower_training` trains it.
 
 The offline demo cannot download a real vision tower, and a random tower is useless,
-so :func:`pretrain_shapes_tower` trains a small :class:`transformers.SiglipVisionModel`
+so :func:`offline.tower_training.pretrain_shapes_tower` trains a small :class:`transformers.SiglipVisionModel`
 (no class token, no attention-pooling head: PhiClip reads its hidden states) by
 supervised multi-attribute classification (color, shape, count, side) on shapes
-rendered in memory (:mod:`demo.shapes`), then saves it as a standard Hugging Face
+rendered in memory (:mod:`offline.shapes`), then saves it as a standard Hugging Face
 directory that a Llava model can use as its vision tower:
 
 * ``config.json`` + ``model.safetensors`` (``SiglipVisionModel.save_pretrained``,
@@ -28,10 +29,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +38,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from demo.shapes import ATTRIBUTES, QUESTION_TYPES, RENDER_VERSION, render_scene, sample_scene, scene_labels
+from offline.shapes import ATTRIBUTES, QUESTION_TYPES, render_scene, sample_scene, scene_labels
 
 __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
-    "pretrain_shapes_tower",
     "probe_tower",
     "render_batch",
     "tower_config",
@@ -62,11 +57,11 @@ IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 """Per-channel std used to normalise images (after scaling to [0, 1]): OpenAI CLIP's."""
 
-_FORMAT_VERSION = 2  # 1: CLIP tower, mean 0.5 (a cached one is rebuilt, not reused)
-_ARCHITECTURE = "siglip"
+FORMAT_VERSION = 2  # 1: CLIP tower, mean 0.5 (a cached one is rebuilt, not reused)
+ARCHITECTURE = "siglip"
 _PREFIX = "vision_model."
 # Seed-stream tags, distinct from the dataset's ([seed, 1..4]) streams.
-_TRAIN_STREAM, _VAL_STREAM, _PROBE_STREAM = 101, 102, 103
+TRAIN_STREAM, VAL_STREAM, PROBE_STREAM = 101, 102, 103
 
 
 def tower_config(
@@ -98,7 +93,7 @@ def tower_config(
     )
 
 
-def _image_processor_cls() -> type:
+def image_processor_cls() -> type:
     """``CLIPImageProcessor`` (PIL backend when torchvision is absent, without the warning)."""
     if importlib.util.find_spec("torchvision") is None:
         from transformers import CLIPImageProcessorPil
@@ -118,7 +113,7 @@ def tower_image_processor(image_size: int = 64) -> Any:
     already ``image_size`` square is left as is). It is saved with
     ``image_processor_type = "CLIPImageProcessor"``.
     """
-    return _image_processor_cls()(
+    return image_processor_cls()(
         do_resize=True,
         size={"shortest_edge": image_size},
         do_center_crop=True,
@@ -150,13 +145,13 @@ def render_batch(
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), {k: torch.from_numpy(v) for k, v in labels.items()}
 
 
-def _normalize(images_u8: torch.Tensor) -> torch.Tensor:
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     return (images_u8.float() / 255.0 - mean) / std
 
 
-class _Heads(nn.Module):
+class Heads(nn.Module):
     """One linear head per attribute on the mean of the last layer's tokens."""
 
     def __init__(self, hidden_size: int) -> None:
@@ -169,14 +164,14 @@ class _Heads(nn.Module):
         return {k: h(mean_tok) for k, h in self.linear.items()}
 
 
-def _last_layer(model: SiglipVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+def last_layer(model: SiglipVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """``hidden_states[-1]`` (pre ``post_layernorm``), as a Llava model reads it."""
     return model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
 
 
 @torch.no_grad()
-def _accuracy(
-    model: SiglipVisionModel, heads: _Heads, images: torch.Tensor, labels: dict[str, torch.Tensor],
+def accuracy(
+    model: SiglipVisionModel, heads: Heads, images: torch.Tensor, labels: dict[str, torch.Tensor],
     batch_size: int = 500
 ) -> dict[str, float]:
     was_training = model.training
@@ -184,7 +179,7 @@ def _accuracy(
     heads.eval()
     correct = {k: 0 for k in QUESTION_TYPES}
     for s in range(0, len(images), batch_size):
-        logits = heads(_last_layer(model, _normalize(images[s : s + batch_size])))
+        logits = heads(last_layer(model, normalize(images[s : s + batch_size])))
         for k in QUESTION_TYPES:
             correct[k] += int((logits[k].argmax(-1) == labels[k][s : s + batch_size]).sum())
     model.train(was_training)
@@ -207,20 +202,20 @@ def probe_tower(
     if bad or info.get("error_msgs"):
         raise RuntimeError(f"saved tower does not reload cleanly: {info}")
     model.eval()
-    processor = _image_processor_cls().from_pretrained(tower_dir)
+    processor = image_processor_cls().from_pretrained(tower_dir)
     image_size = int(model.config.image_size)
-    heads = _Heads(model.config.hidden_size)
+    heads = Heads(model.config.hidden_size)
     heads.load_state_dict(heads_state)
     heads.eval()
-    rng = np.random.default_rng([seed, _PROBE_STREAM])
+    rng = np.random.default_rng([seed, PROBE_STREAM])
     correct = {k: 0 for k in QUESTION_TYPES}
     stds: list[float] = []
     for s in range(0, n_images, 250):
         n = min(250, n_images - s)
         imgs, labels = render_batch(rng, n, image_size)
-        pil = [_to_pil(im) for im in imgs]
+        pil = [to_pil(im) for im in imgs]
         pixel_values = processor(images=pil, return_tensors="pt")["pixel_values"].float()
-        last = _last_layer(model, pixel_values)
+        last = last_layer(model, pixel_values)
         stds.append(float(last.std()))
         logits = heads(last)
         for k in QUESTION_TYPES:
@@ -233,11 +228,11 @@ def probe_tower(
     }
 
 
-def _to_pil(image_chw_u8: torch.Tensor) -> Image.Image:
+def to_pil(image_chw_u8: torch.Tensor) -> Image.Image:
     return Image.fromarray(image_chw_u8.permute(1, 2, 0).numpy(), "RGB")
 
 
-def _save_tower(model: SiglipVisionModel, out_dir: Path) -> None:
+def save_tower(model: SiglipVisionModel, out_dir: Path) -> None:
     """``save_pretrained`` with the hub-standard ``vision_model.*`` weight names.
 
     transformers 5 saves a freshly built ``SiglipVisionModel`` without the
@@ -255,18 +250,8 @@ def _save_tower(model: SiglipVisionModel, out_dir: Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _finished(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+def finished(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The probe of a complete tower in ``out_dir`` trained with exactly ``params``, else None."""
     probe_path = out_dir / "probe.json"
     try:
         probe = json.loads(probe_path.read_text())
@@ -275,182 +260,4 @@ def _finished(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     needed = ("config.json", "model.safetensors", "preprocessor_config.json")
     if probe.get("params") != params or not all((out_dir / f).is_file() for f in needed):
         return None
-    return probe
-
-
-def pretrain_shapes_tower(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    image_size: int = 64,
-    patch_size: int = 16,
-    hidden_size: int = 128,
-    num_hidden_layers: int = 3,
-    num_attention_heads: int = 4,
-    max_seconds: float = 600.0,
-    max_steps: int = 300,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    pool_size: int = 4096,
-    reuse_per_pool: int = 2,
-    target_accuracy: float | None = None,
-    eval_every: int = 50,
-    n_val_images: int = 1000,
-    n_probe_images: int = 2000,
-    num_threads: int | None = 2,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Pretrain a tiny SigLIP vision tower on rendered shapes and save it to ``out_dir``.
-
-    Training: AdamW with warmup + cosine decay over ``max_steps``, cross-entropy
-    of one linear head per attribute on the mean of all last-layer tokens. Images are rendered in memory from a seed
-    stream separate from :func:`demo.shapes.make_shapes_dataset`'s; a
-    pool of ``pool_size`` fresh images is drawn and each image is used
-    ``reuse_per_pool`` times (the second time mirrored left-right, with the
-    side label swapped). Training stops at ``max_steps``, after ``max_seconds``
-    (data generation included), or, if ``target_accuracy`` is set, once every
-    attribute reaches it on a validation set (checked every ``eval_every``
-    steps; by default training runs the full cosine schedule, which gives a
-    better converged tower than stopping early).
-
-    If ``out_dir`` already holds a finished tower trained with the same
-    parameters (``probe.json`` present), it is reused without retraining.
-
-    Returns the probe dict (also written to ``out_dir/probe.json``): held-out
-    ``accuracy`` per attribute (the mean-pool heads on the reloaded model's
-    ``hidden_states[-1]``), ``feature_std``, ``num_tokens``, ``steps``,
-    ``stop_reason``, ``train_seconds`` (wall, data generation included),
-    ``train_cpu_seconds``, ``val_history``, ``losses`` (per step), ``params``
-    and ``reused``.
-    """
-    out_dir = Path(out_dir)
-    params = {
-        "version": _FORMAT_VERSION,
-        "architecture": _ARCHITECTURE,
-        "render_version": RENDER_VERSION,
-        "seed": seed,
-        "image_size": image_size,
-        "patch_size": patch_size,
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "max_seconds": max_seconds,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "pool_size": pool_size,
-        "reuse_per_pool": reuse_per_pool,
-        "target_accuracy": target_accuracy,
-        "eval_every": eval_every,
-        "n_val_images": n_val_images,
-        "n_probe_images": n_probe_images,
-    }
-    done = _finished(out_dir, params)
-    if done is not None:
-        done["reused"] = True
-        return done
-
-    with _torch_threads(num_threads):
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        torch.manual_seed(seed)
-        model = SiglipVisionModel(
-            tower_config(image_size, patch_size, hidden_size, num_hidden_layers, num_attention_heads)
-        ).float()
-        heads = _Heads(hidden_size)
-        model.train()
-        heads.train()
-        params_all = list(model.parameters()) + list(heads.parameters())
-        decay = [p for p in params_all if p.ndim >= 2]
-        no_decay = [p for p in params_all if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr,
-            betas=(0.9, 0.98),
-        )
-        warmup = max(1, min(100, max_steps // 10))
-
-        def lr_at(step: int) -> float:
-            if step < warmup:
-                return lr * (step + 1) / warmup
-            frac = (step - warmup) / max(1, max_steps - warmup)
-            return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-        train_rng = np.random.default_rng([seed, _TRAIN_STREAM])
-        val_images, val_labels = render_batch(np.random.default_rng([seed, _VAL_STREAM]), n_val_images, image_size)
-        side_flip = torch.tensor([len(ATTRIBUTES["side"]) - 1 - i for i in range(len(ATTRIBUTES["side"]))])
-
-        losses: list[float] = []
-        val_history: list[dict[str, Any]] = []
-        pool_x: torch.Tensor | None = None
-        pool_y: dict[str, torch.Tensor] = {}
-        order: list[tuple[int, torch.Tensor]] = []
-        step = 0
-        stop_reason = "max_steps"
-        bar = tqdm(total=max_steps, desc="tiny tower", unit="step", disable=not progress)
-        while step < max_steps:
-            if not order:
-                pool_x, pool_y = render_batch(train_rng, pool_size, image_size)
-                perm_gen = torch.Generator().manual_seed(int(train_rng.integers(2**31 - 1)))
-                for r in range(reuse_per_pool):
-                    perm = torch.randperm(pool_size, generator=perm_gen)
-                    order += [(r, perm[s : s + batch_size]) for s in range(0, pool_size - batch_size + 1, batch_size)]
-            rep, idx = order.pop(0)
-            assert pool_x is not None
-            x = pool_x[idx]
-            y = {k: v[idx] for k, v in pool_y.items()}
-            if rep % 2 == 1:  # mirrored copy: left <-> right
-                x = x.flip(-1)
-                y["side"] = side_flip[y["side"]]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            out = heads(_last_layer(model, _normalize(x)))
-            loss = sum(nn.functional.cross_entropy(logits, y[k]) for k, logits in out.items()) / len(QUESTION_TYPES)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params_all, 1.0)
-            opt.step()
-            losses.append(round(loss.item(), 5))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            elapsed = time.perf_counter() - t0
-            if step % eval_every == 0 or step == max_steps or elapsed >= max_seconds:
-                acc = _accuracy(model, heads, val_images, val_labels)
-                worst = min(acc.values())
-                val_history.append({"step": step, "seconds": round(elapsed, 2), "worst": worst, "accuracy": acc})
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", val_worst=f"{worst:.3f}")
-                if target_accuracy is not None and worst >= target_accuracy:
-                    stop_reason = "target_accuracy"
-                    break
-            if elapsed >= max_seconds:
-                stop_reason = "max_seconds"
-                break
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        cpu_seconds = time.process_time() - c0
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "probe.json").unlink(missing_ok=True)  # written last: marks completion
-        _save_tower(model, out_dir)
-        tower_image_processor(image_size).save_pretrained(out_dir)
-        heads_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
-        torch.save(heads_state, out_dir / "probe_heads.pt")
-        probe = probe_tower(out_dir, heads_state, seed=seed, n_images=n_probe_images)
-
-    probe.update(
-        steps=step,
-        stop_reason=stop_reason,
-        train_seconds=round(train_seconds, 2),
-        train_cpu_seconds=round(cpu_seconds, 2),
-        val_history=val_history,
-        losses=losses,
-        params=params,
-    )
-    tmp = out_dir / "probe.json.tmp"
-    tmp.write_text(json.dumps(probe, indent=1))
-    tmp.replace(out_dir / "probe.json")
-    probe["reused"] = False
     return probe

@@ -2,8 +2,8 @@
 
 Every record that cannot be used is reported with its file, record id and reason, and
 skipped; nothing is keyed by id, so records that share an id (LLaVA-Instruct has many)
-are all kept. :func:`read_records` also reads Hugging Face datasets (a Hub id, parquet/arrow
-files or folders): :mod:`train.hf_records` maps their rows onto the same records.
+are all kept. :mod:`data.hf_records` maps Hugging Face datasets' rows onto the same records, and
+:func:`data.sources.read_records` picks the reader for a source.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Turn:
 @dataclass
 class Record:
     """One conversation. ``images`` holds one entry per ``<image>`` marker in its user turns, in order: a file name
-    (relative to the images folder), a :class:`train.images.RowImage` (an image embedded in a loaded dataset, read
+    (relative to the images folder), a :class:`data.images.RowImage` (an image embedded in a loaded dataset, read
     when needed) or anything :func:`processing_phiclip.open_image` reads (bytes, a ``datasets`` image dict, a PIL
     image)."""
 
@@ -192,47 +192,3 @@ def _images_field(raw: dict) -> list[Any]:
             where = f"'{key}'" if not isinstance(value, list) else f"'{key}'[{i}]"
             raise BadRecord(f"bad field: {where} must be a non-empty string, got {name!r:.60}")
     return list(names)
-
-
-def is_dataset_source(source: str | Path) -> bool:
-    """Whether ``source`` names a Hugging Face dataset (``hf://...``, parquet/arrow files, a folder), not LLaVA JSON."""
-    text = str(source)
-    return (text.startswith("hf://") or Path(text).is_dir()
-            or text.endswith((".parquet", ".arrow")))
-
-
-def images_dir(source: str | Path, images: str | Path = "") -> str:
-    """The folder a source's image file names are relative to: ``images`` if given, else a local dataset's own
-    folder (LLaVA JSON keeps asking for ``images``)."""
-    if images or not is_dataset_source(source):
-        return str(images)
-    from train.hf_records import local_folder
-
-    folder = local_folder(str(source))
-    return str(folder) if folder is not None else ""
-
-
-def read_records(path: str | Path, limit: int = 0) -> tuple[list[Record], Report]:
-    """Read a LLaVA JSON/JSONL file, or a dataset (:func:`is_dataset_source`, read by :mod:`train.hf_records`);
-    bad records are skipped and listed in the report. ``limit``: stop after that many usable records (0: all)."""
-    if is_dataset_source(path):
-        from train.hf_records import read_dataset_records
-
-        return read_dataset_records(str(path), limit)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    report = Report()
-    records: list[Record] = []
-    for index, raw in iter_raw(path, report):
-        if limit and len(records) >= limit:
-            break
-        report.n_read += 1
-        try:
-            record = parse_record(raw, str(path), index)
-        except BadRecord as err:
-            report.skip(str(path), raw_id(raw, index), str(err))
-            continue
-        records.append(record)
-        report.n_kept += 1
-    return records, report

@@ -17,13 +17,13 @@ Two row layouts, told apart by the columns:
   a list) or ``images`` (a list).
 
 Images are ``datasets.Image`` values (bytes, or a path), file names, or bytes. Every row becomes the raw LLaVA
-record the JSON reader parses (:func:`train.records.parse_record`): a TRL message's parts become one string, an
+record the JSON reader parses (:func:`data.records.parse_record`): a TRL message's parts become one string, an
 ``<image>`` marker in place of each image part (followed by a new line; text parts joined by a space, as
 :mod:`processing_phiclip` lays out parts), so templates, labels, several images, lengths and the bad-record
 report are those of the JSON path. A row without an ``id`` column is reported as ``#ROW``.
 
 Embedded images stay in the dataset's memory-mapped Arrow files: a record holds a
-:class:`train.images.RowImage` (dataset, row, column, item) that is read when its item is built. Images stored
+:class:`data.images.RowImage` (dataset, row, column, item) that is read when its item is built. Images stored
 as paths are file names, looked up (safely) in the images folder, by default the local dataset's own folder.
 """
 
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.images import RowImage, StoredImages
+from data.records import BadRecord, Record, parse_record, raw_id
 from processing_phiclip import IMAGE_TOKEN
-from train.images import RowImage, StoredImages
-from train.records import BadRecord, Record, Report, parse_record, raw_id
 
 _HUB = re.compile(r"hf://(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[^/@]+))?(?:/(?P<split>[^/@]+))?"
                   r"(?:@(?P<revision>.+))?")
@@ -328,20 +328,3 @@ def _entry(value: Any) -> bytes | str | None:
     if isinstance(value, dict):
         return value.get("bytes") or value.get("path")
     return value
-
-
-def read_dataset_records(text: str, limit: int = 0) -> tuple[list[Record], Report]:
-    """Records of a dataset source, as :func:`train.records.read_records` reads a JSON file."""
-    report = Report()
-    records: list[Record] = []
-    for row in iter_dataset_rows(text):
-        if limit and len(records) >= limit:
-            break
-        report.n_read += 1
-        try:
-            records.append(row.record())
-        except BadRecord as err:
-            report.skip(text, row.id, str(err))
-            continue
-        report.n_kept += 1
-    return records, report

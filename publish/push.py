@@ -11,11 +11,11 @@ from pathlib import Path
 from huggingface_hub import constants
 
 from chat.assistant import GenerationSettings, VisionChat
-from train.card import Example, model_card
-from train.config import load_config
+from data.images import ImageResolver
+from data.sources import is_dataset_source, read_records
 from processing_phiclip import IMAGE_TOKEN
-from train.images import ImageResolver
-from train.records import is_dataset_source, read_records
+from publish.card import Example, model_card
+from runtime.config import load_config
 
 EXAMPLES_DIR = "examples"
 

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.dataset import STREAM_STATE, Encoder
+from data.hf_records import Layout, Row, detect_layout, load_rows, stream_row
+from data.records import BadRecord, Problem, Report
 from processing_phiclip import ImageError
-from train.dataset import STREAM_STATE, Encoder
-from train.hf_records import Layout, Row, detect_layout, load_rows, stream_row
-from train.records import BadRecord, Problem, Report
 
 AHEAD_PER_WORKER = 4  # rows in flight per worker process
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 
-# The transformers releases the remote code is tested with (tests/test_transformers4.py covers the 4.x line).
+# The oldest transformers release the remote code is tested with (tests/test_hub_versions.py, its oldest lane).
 TESTED_4X = "4.57"
 
 _TEMPLATE = """---

