@@ -231,7 +231,10 @@ def prepare_image(
 
 # Jinja: build a new message list (the sandbox forbids mutating the old one) and rebind
 # ``messages`` to it before the LM's template runs; ``dict(m, content=...)`` keeps the other keys.
-_PREAMBLE = """{%- set _pc = namespace(messages=[]) -%}
+# Thinking templates (Qwen3) render PhiClip's chats in non-thinking mode unless the caller asks otherwise: the
+# empty think block is then the end of the generation prompt, never part of an answer.
+_PREAMBLE = """{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}
+{%- set _pc = namespace(messages=[]) -%}
 {%- for _msg in messages -%}
 {%- if _msg['content'] is none -%}
 {%- set _pc.messages = _pc.messages + [_msg] -%}
@@ -400,8 +403,15 @@ class PhiClipProcessor(ProcessorMixin):
     # ---- conversations -------------------------------------------------------------------------
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        """The chat template's text for ``messages``. Raises :class:`TemplateError` with the template's own
+        message when it refuses the conversation (``raise_exception``: e.g. Gemma's "System role not supported")."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:
+            if type(err).__module__.startswith("jinja2"):
+                raise TemplateError(f"the chat template refuses this conversation: {err}") from err
+            raise
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = False, image_markers: bool = False
@@ -440,28 +450,37 @@ class PhiClipProcessor(ProcessorMixin):
         return ids, labels, ends
 
     def _answer_span(self, messages: list[dict], i: int, full: str) -> tuple[int, int]:
-        """Character span of answer ``i`` in ``full``: its text and the template's end-of-turn marker after it."""
-        prefix = self.render(messages[:i], add_generation_prompt=True)
-        if not full.startswith(prefix):
-            raise TemplateError("the chat template renders earlier turns differently once later turns follow")
-        upto = self.render(messages[: i + 1])
-        probe = self.render(messages[: i + 1] + [{"role": "user", "content": "\ue002"}])
-        answer = messages[i]["content"]
-        start = upto.find(answer, len(prefix))
-        if start < 0 or not full.startswith(upto[: start + len(answer)]):
-            raise TemplateError(f"the chat template does not write answer {i} verbatim")
-        # The end-of-turn marker: what the template writes after the answer, up to where the two renderings part.
-        a = self.tokenizer(upto[start:], add_special_tokens=False, return_offsets_mapping=True)
-        b = self.tokenizer(probe[start:], add_special_tokens=False)["input_ids"]
+        """Character span of answer ``i`` in ``full``: its text and the template's end-of-turn marker after it.
+
+        Whatever the template writes before the answer's text (a role header, Qwen3's empty think block)
+        belongs to the prompt. The end-of-turn marker is read off the template: what follows the answer both
+        when it ends the conversation and when a user turn follows it. Templates that render an answer
+        differently once later turns follow (Qwen3 drops the think block of earlier answers) are read
+        where the answer stands, in ``full``.
+        """
+        asked = [m["content"] for m in messages[:i] if m.get("content") is not None]
+        if asked:  # the turns before the answer, up to its question's text, as the template writes them alone
+            before = self.render(messages[:i], add_generation_prompt=True)
+            if not full.startswith(before[: before.rindex(asked[-1]) + len(asked[-1])]):
+                raise TemplateError("the chat template renders earlier turns differently once later turns follow")
+        answer = messages[i]["content"]  # a stand-in, written once in each rendering (checked by encode_chat)
+        start = full.index(answer)
+        after = start + len(answer)
+
+        def tail(rendered: str) -> str:
+            return rendered[rendered.index(answer) + len(answer):]
+
+        last = tail(self.render(messages[: i + 1]))
+        followed = tail(self.render(messages[: i + 1] + [{"role": "user", "content": "\ue002"}]))
+        a = self.tokenizer(last, add_special_tokens=False, return_offsets_mapping=True)
+        b = self.tokenizer(followed, add_special_tokens=False)["input_ids"]
         shared = 0
         while shared < min(len(a["input_ids"]), len(b)) and a["input_ids"][shared] == b[shared]:
             shared += 1
-        end = start + (a["offset_mapping"][shared - 1][1] if shared else 0)
-        if not full.startswith(upto[:end]):
-            raise TemplateError(f"the chat template does not write answer {i} verbatim")
-        while end > start + len(answer) and upto[end - 1].isspace():
-            end -= 1
-        return len(prefix), end
+        marker = last[: a["offset_mapping"][shared - 1][1] if shared else 0].rstrip()
+        if not full.startswith(marker, after):
+            raise TemplateError(f"the chat template closes answer {i} differently once later turns follow")
+        return start, after + len(marker)
 
     def _tokenize_rendered(self, text: str, segments: list[list[str | None]]) -> list[int]:
         """Ids of rendered template text in which message stand-ins are replaced by their segments.

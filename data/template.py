@@ -15,7 +15,11 @@ from data.records import Turn
 from modeling_phiclip import PhiClipForCausalLM
 from processing_phiclip import IGNORE_INDEX, PhiClipProcessor, TemplateError
 
-__all__ = ["IGNORE_INDEX", "Encoded", "TemplateError", "encode_conversation", "to_messages"]
+__all__ = ["IGNORE_INDEX", "Encoded", "TemplateError", "check_chat_template", "encode_conversation", "to_messages"]
+
+# A conversation every LLaVA-style training set holds: an image question, its answer, a follow-up and its answer.
+PROBE = [Turn("user", "<image>\nWhat is in the picture?"), Turn("assistant", "A cat."),
+         Turn("user", "What color is it?"), Turn("assistant", "Grey.")]
 
 
 @dataclass
@@ -35,6 +39,21 @@ def to_messages(turns: list[Turn], system_prompt: str | None = None) -> list[dic
     if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def check_chat_template(processor: PhiClipProcessor, system_prompt: str | None) -> None:
+    """Render :data:`PROBE` (with ``system_prompt``) through the processor before any record is read.
+
+    Raises ``ValueError`` naming the tokenizer, the setting (``data.system_prompt``) and the template's own
+    reason when the LM's chat template cannot render a training conversation (Gemma's refuses a system role),
+    so a run fails up front instead of skipping every record.
+    """
+    try:
+        processor.encode_chat(to_messages(PROBE, system_prompt), image_markers=True)
+    except TemplateError as err:
+        setting = " with a system prompt (data.system_prompt; unset it for this LM)" if system_prompt else ""
+        name = processor.tokenizer.name_or_path
+        raise ValueError(f"{name}: the chat template cannot render a training conversation{setting}: {err}") from err
 
 
 def encode_conversation(

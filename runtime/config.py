@@ -34,7 +34,8 @@ class ModelConfig:
     # mean colour, then resize: LLaVA-1.5's choice, and llama.cpp's) or "crop" (CLIP's resize + centre crop).
     image_aspect: str = "pad"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
-    attn_implementation: str = "sdpa"
+    # "auto": transformers picks for the LM (sdpa where the LM supports it, else eager: Gemma-2); or a name.
+    attn_implementation: str = "auto"
 
     def phiclip_fields(self) -> dict[str, Any]:
         """The settings a saved model carries, under ``PhiClipConfig``'s names (:data:`PHICLIP_FIELDS`)."""

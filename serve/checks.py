@@ -41,12 +41,8 @@ def prepare_prompt(chat: VisionChat, messages: list[dict], images: list) -> Prom
         )
     try:
         prompt = chat.prompt(messages, images)
-    except ValueError as err:  # TemplateError and friends: the template refused the conversation
+    except ValueError as err:  # TemplateError (the template's own raise_exception included) and friends
         raise bad_request(f"the chat template cannot render this conversation: {err}", "messages") from err
-    except Exception as err:  # jinja2 raise_exception() in a template
-        if type(err).__module__.startswith("jinja2"):
-            raise bad_request(f"the chat template cannot render this conversation: {err}", "messages") from err
-        raise
     if prompt.length >= limit:
         raise unprocessable(
             f"the prompt is {prompt.length} tokens; the model's context is {limit} tokens. "

@@ -1,4 +1,8 @@
-"""Label masks come from the template's structure, for ChatML, Phi-3 and Llama-3 templates; text is text."""
+"""Label masks come from the template's structure, for each family's real chat template; text is text.
+
+The families (tests/templates/*.json, copied from llama.cpp's models/templates): ChatML (SmolLM2), Phi-3, Phi-3.5,
+Llama-3, Llama-3.1, Qwen2.5, Qwen3 and SmolLM3 (thinking templates) and Gemma-2 (no system role), each worn by the
+SmolLM2 tokenizer with its family's special tokens."""
 
 import json
 
@@ -9,7 +13,10 @@ from data.records import Turn
 from data.template import IGNORE_INDEX, TemplateError, encode_conversation, to_messages
 from processing_phiclip import PhiClipProcessor
 
-END_OF_TURN = {"chatml": "<|im_end|>", "phi3": "<|end|>", "llama3": "<|eot_id|>"}
+END_OF_TURN = {"chatml": "<|im_end|>", "phi3": "<|end|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>",
+               "qwen2.5": "<|im_end|>", "smollm3": "<|im_end|>", "phi3.5": "<|end|>", "llama3.1": "<|eot_id|>",
+               "gemma2": "<end_of_turn>"}
+THINKING = {"qwen3": "<think>\n\n</think>\n\n", "smollm3": "<think>\n\n</think>\n"}  # ends a non-thinking prompt
 TURNS = [
     Turn("user", "<image>\nWhat is in the picture?"),
     Turn("assistant", "A red circle on the left."),
@@ -33,7 +40,7 @@ def supervised_runs(tok, enc) -> list[str]:
     return runs
 
 
-@pytest.fixture(params=["chatml", "phi3", "llama3"])
+@pytest.fixture(params=list(END_OF_TURN))
 def proc(request, smol_tokenizer_dir, tiny_clip_dir):
     from transformers import AutoImageProcessor
 
@@ -75,9 +82,11 @@ def test_bos_appears_once(proc, tok):
     in_template = proc.render(to_messages(TURNS)).count(tok.bos_token)
     assert enc.input_ids.count(bos) == in_template
     assert enc.input_ids[:2] != [bos, bos]
-    # Llama-3 opens with <|begin_of_text|> once; SmolLM2's BOS is ChatML's <|im_start|>, which opens
-    # every turn (a default system turn and the four of TURNS); the Phi-3 template writes no BOS.
-    expected = {"llama3": 1, "chatml": 5, "phi3": 0}[tok.kind]
+    # Llama-3 opens with <|begin_of_text|> once, Gemma-2 with <bos>; SmolLM2's BOS is ChatML's <|im_start|>, which
+    # opens every turn (the four of TURNS, and a default system turn where the template writes one); the Phi-3
+    # templates write no BOS.
+    expected = {"llama3": 1, "llama3.1": 1, "gemma2": 1, "chatml": 5, "qwen2.5": 5, "smollm3": 5, "qwen3": 4,
+                "phi3": 0, "phi3.5": 0}[tok.kind]
     assert in_template == expected
     if expected:
         assert enc.input_ids[0] == bos
@@ -102,6 +111,10 @@ def test_record_that_cannot_fit_is_refused(proc):
 
 
 def test_system_prompt_is_not_supervised(proc, tok):
+    if proc.kind == "gemma2":  # its template raises on a system role: the record is refused with the template's reason
+        with pytest.raises(TemplateError, match="System role not supported"):
+            encode_conversation(proc, TURNS[:2], n_image_tokens=1, max_length=512, system_prompt="Be brief.")
+        return
     enc = encode_conversation(
         proc, TURNS[:2], n_image_tokens=1, max_length=512, system_prompt="Be brief."
     )
@@ -110,7 +123,7 @@ def test_system_prompt_is_not_supervised(proc, tok):
 
 
 def test_template_fixtures_name_their_end_token():
-    for kind in ("phi3", "llama3"):
+    for kind in set(END_OF_TURN) - {"chatml"}:
         spec = json.loads((TEMPLATES / f"{kind}.json").read_text())
         assert spec["end_of_turn"] == END_OF_TURN[kind]
 
@@ -153,3 +166,33 @@ def test_images_in_later_turns_are_dropped_with_their_turn(proc):
     first_end = max(i for i, label in enumerate(full.labels[:second_image]) if label != IGNORE_INDEX) + 1
     short = encode_conversation(proc, turns, n_image_tokens=30, max_length=first_end + 29 + 10)
     assert short.n_turns_kept == 1 and short.n_images == 1
+
+
+def test_thinking_templates_put_the_empty_think_block_in_the_prompt(proc, tok):
+    """Qwen3 and SmolLM3 render PhiClip's chats in non-thinking mode: the generation prompt ends with the empty
+    think block, the last answer follows it in training (unsupervised, as the prompt), earlier answers have none
+    (the family's own rendering of history). Before, Qwen3's mask supervised the think block and not the answer."""
+    if proc.kind not in THINKING:
+        pytest.skip("not a thinking template")
+    rendered = proc.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert rendered.endswith(THINKING[proc.kind])
+    enc = encode_conversation(proc, TURNS, n_image_tokens=3, max_length=512)
+    runs = supervised_runs(tok, enc)
+    assert runs == [f"A red circle on the left.{END_OF_TURN[tok.kind]}", f"It is small.{END_OF_TURN[tok.kind]}"]
+    assert all("think" not in run for run in runs)
+    # Qwen3 writes the block before the last answer only, SmolLM3 before every answer
+    assert tok.decode(enc.input_ids).count("<think>") == {"qwen3": 1, "smollm3": 2}[proc.kind]
+
+
+def test_a_template_that_cannot_train_fails_up_front(smol_tokenizer_dir, tiny_clip_dir):
+    """Gemma-2's template refuses a system role: with data.system_prompt set, the run stops before any record."""
+    from transformers import AutoImageProcessor
+
+    from data.template import check_chat_template
+
+    images = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+    gemma = PhiClipProcessor.from_parts(images, tokenizer_with_template(smol_tokenizer_dir, "gemma2"), "Be brief.")
+    with pytest.raises(ValueError, match=r"data\.system_prompt.*System role not supported"):
+        check_chat_template(gemma, "Be brief.")
+    plain = PhiClipProcessor.from_parts(images, tokenizer_with_template(smol_tokenizer_dir, "gemma2"))
+    check_chat_template(plain, None)

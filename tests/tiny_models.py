@@ -16,9 +16,18 @@ from PIL import Image
 
 
 def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: float = 0.02) -> Path:
-    """A 2-layer random-init Llama (tied embeddings) or Phi-3 sized for ``tokenizer``, saved with it."""
+    """A 2-layer random-init Llama (tied embeddings), Phi-3, Qwen3 or Gemma-2 sized for ``tokenizer``, saved with it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = {
@@ -36,6 +45,10 @@ def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: f
     }
     if kind == "phi3":
         model = Phi3ForCausalLM(Phi3Config(**common))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+    elif kind == "gemma2":  # logit soft-capping, sliding windows, eager attention only
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
     model.save_pretrained(out)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 from configuration_phiclip import PhiClipConfig
+from data.template import check_chat_template
 from modeling_phiclip import PhiClipForCausalLM, vision_tower_class
 from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
 from runtime.config import LoraConfig, ModelConfig
@@ -62,8 +63,11 @@ def build_model(
         AutoImageProcessor.from_pretrained(vision_path), AutoTokenizer.from_pretrained(lm_path), system_prompt,
         IMAGE_TOKEN, cfg.image_aspect,
     )
+    check_chat_template(processor, system_prompt)  # before the LM loads: a template that cannot train fails first
     quant = quantization(lora, dtype)
-    lm_kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    lm_kwargs = {"dtype": dtype}
+    if cfg.attn_implementation != "auto":
+        lm_kwargs["attn_implementation"] = cfg.attn_implementation
     if quant is not None:
         lm_kwargs["quantization_config"] = quant
         lm_kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
