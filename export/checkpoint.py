@@ -187,6 +187,9 @@ def llava_image_processor(processor: PhiClipProcessor) -> LlavaImageProcessorPil
     settings = {k: v for k, v in processor.image_processor.to_dict().items()
                 if k in ("size", "crop_size", "resample", "do_resize", "do_center_crop", "do_rescale",
                          "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")}
+    # Every setting the runtime reads is written: a tower processor without crop settings (SigLIP's resizes to
+    # the exact size) must not inherit LlavaImageProcessor's default centre crop to 224.
+    settings.setdefault("do_center_crop", False)
     return LlavaImageProcessorPil(**settings, do_pad=processor.image_aspect == "pad")
 
 

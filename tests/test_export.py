@@ -8,9 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import tokenizer_with_template, write_image
+from helpers import make_toy_data, tiny_config, tokenizer_with_template, write_image
 from PIL import Image
 
 ATOL = 1e-4
@@ -299,3 +300,30 @@ def test_checkpoint_names_round_trip(tmp_path, tower):
         expected = model(input_ids=ids, pixel_values=pixels).logits
         got = loaded.eval()(input_ids=ids, pixel_values=pixels).logits
     assert torch.allclose(expected, got, atol=1e-6)
+
+
+def test_a_siglip_tower_as_it_ships_exports_with_its_own_image_settings(tmp_path, tiny_llama_dir):
+    """A SigLIP tower with its own SiglipImageProcessor (exact resize, no crop settings): the exported
+    LlavaImageProcessor writes no crop of its own, so its pixels are PhiClip's (before, it kept its default
+    224 centre crop and the export refused the tower's token count)."""
+    from transformers import AutoImageProcessor, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from chat.assistant import VisionChat
+    from export.checkpoint import export_run
+    from train.run import train
+
+    torch.manual_seed(0)
+    tower = tmp_path / "siglip"
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tower)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
+    cfg = tiny_config(tiny_llama_dir, tower, make_toy_data(tmp_path), tmp_path / "run", max_steps=1)
+    cfg.model.vision_feature_select_strategy = "full"
+    run = train(cfg)
+    out = export_run(run, tmp_path / "llava")
+    exported = AutoImageProcessor.from_pretrained(out)
+    assert exported.do_center_crop is False
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (20, 50, 3), dtype=np.uint8))
+    ours = VisionChat.load(run).processor.image_pixels([picture])
+    theirs = exported(images=[picture], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
