@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
+
+from huggingface_hub import constants
 
 # bitsandbytes' CPU backend asks the `kernels` package for a bf16 kernel on the Hub (kernels-community) when it
 # is imported; both log a line about it. These are the loggers, and what their lines name.
 KERNEL_FETCH_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 KERNEL_HUB_ORG = "kernels-community"
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (1, ON, YES or TRUE, any case)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _demote_kernel_fetch(record: logging.LogRecord) -> bool:
@@ -29,6 +25,6 @@ def quiet_offline_kernel_fetch() -> None:
     runs never use; bitsandbytes (0.50) has no setting to skip the attempt. Call before bitsandbytes
     is imported (peft imports it). Online, the lines are left as they are.
     """
-    if hub_offline():
+    if constants.HF_HUB_OFFLINE:  # huggingface_hub's own reading of HF_HUB_OFFLINE
         for name in KERNEL_FETCH_LOGGERS:
             logging.getLogger(name).addFilter(_demote_kernel_fetch)

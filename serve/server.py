@@ -23,8 +23,6 @@ UI_PATH = "/ui"
 def load_engine(run_dir: str | Path, config: ServeConfig) -> Engine:
     import torch
 
-    if config.concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
     device = torch.device(config.device) if config.device else None
     chats = []
     for i in range(config.concurrency):
