@@ -11,6 +11,8 @@
 # The converters go to $PHICLIP_CACHE/llama.cpp-<version> (default ~/.cache/phiclip), never into git.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/pip_quiet.sh
+source scripts/pip_quiet.sh
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv-llama
@@ -27,18 +29,12 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT"
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip_quiet() {  # quiet; drops pip's notes about this machine's missing local index folders
-  local log; log=$(mktemp)
-  if ! "$VENV/bin/python" -m pip "$@" -q 2>"$log"; then cat "$log" >&2; rm -f "$log"; return 1; fi
-  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
-  rm -f "$log"
-}
 echo "installing llama-cpp-python==$LLAMA_CPP_PYTHON (built from source on first use: several minutes) ..."
-pip_quiet install --require-hashes --no-deps -r "$LOCK"
+pip_quiet "$VENV/bin/python" install --require-hashes --no-deps -r "$LOCK"
 
 if [ ! -f "$SRC/convert_hf_to_gguf.py" ]; then
   tmp=$(mktemp -d)
-  pip_quiet download --no-binary :all: --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$tmp"
+  pip_quiet "$VENV/bin/python" download --no-binary :all: --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$tmp"
   root="llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
   tar -xzf "$tmp"/llama_cpp_python-"$LLAMA_CPP_PYTHON".tar.gz -C "$tmp" \
     "$root/convert_hf_to_gguf.py" "$root/convert_lora_to_gguf.py" "$root/conversion" "$root/gguf-py" \

@@ -5,6 +5,8 @@
 # release than the stamp records. Everything else here is unpinned too: the newest release a user would get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/pip_quiet.sh
+source scripts/pip_quiet.sh
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv-newest
@@ -24,14 +26,8 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT"
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip_install() {  # quiet; drops pip's notes about this machine's missing local index folders
-  local log; log=$(mktemp)
-  if ! "$VENV/bin/python" -m pip install -q --upgrade "$@" 2>"$log"; then cat "$log" >&2; rm -f "$log"; return 1; fi
-  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
-  rm -f "$log"
-}
-pip_install "$TORCH"
+pip_quiet "$VENV/bin/python" install --upgrade "$TORCH"
 # shellcheck disable=SC2086
-pip_install $WANT huggingface_hub accelerate safetensors pillow sentencepiece bitsandbytes
+pip_quiet "$VENV/bin/python" install --upgrade $WANT huggingface_hub accelerate safetensors pillow sentencepiece bitsandbytes
 echo "$WANT" > "$STAMP"
 echo "newest lane: $WANT (installed)"

