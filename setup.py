@@ -24,6 +24,9 @@ EXTRAS = {
     "test": ["pytest", "scikit-image", "scikit-learn", "playwright", "psutil", "httpx"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
+# lmms-eval (the field's VLM benchmark harness) finds the `phiclip` model through the entry point below. Not in
+# "all": it pins packages of its own; the project runs it in .venv-lmms (scripts/lmms_setup.sh, requirements/lmms.in).
+EXTRAS["lmms"] = ["lmms-eval>=0.7.3,<0.8"]
 
 setup(
     name="phiclip",
@@ -51,5 +54,8 @@ setup(
         "numpy",
     ],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["phiclip = phiclip_cli:main"]},
+    entry_points={
+        "console_scripts": ["phiclip = phiclip_cli:main"],
+        "lmms_eval.models": ["phiclip = evaluation.lmms_model:manifest"],
+    },
 )

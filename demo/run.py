@@ -7,6 +7,7 @@
 5. Held-out evaluation through ``phiclip eval``'s code: ``eval.json`` + ``report.html``.
 6. One image answer and one text-only answer (base LM, adapter disabled).
 7. The Hub-ready folder ``RUN/model``: a model card whose examples the model answered.
+8. The held-out sets as lmms-eval tasks in ``RUN/lmms_tasks`` (group ``phiclip_shapes``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 
 from chat.assistant import GenerationSettings, VisionChat
 from evaluation.evaluate import evaluate_run
+from evaluation.lmms_tasks import write_group, write_task
 from evaluation.report import write_report
 from modeling_phiclip import PROJECTOR_FILE
 from offline.cache import cache_dir
 from offline.shapes import COLORS
-from offline.shapes_data import make_shapes_dataset
+from offline.shapes_data import ShapesDataset, make_shapes_dataset
 from publish.push import answered_card, example_questions
 from runtime.config import load_config
 from runtime.models import HUB_NAMES, PREFIX, SHAPES_TOWER, SMOLLM2, resolve
@@ -41,6 +43,19 @@ DEMO_REPO = "phiclip/smollm2-shapes-demo"  # the card's links; `phiclip push` wr
 
 def demo_config_path() -> Path:
     return Path(str(files("train.configs").joinpath("demo.yaml")))
+
+
+LMMS_GROUP = "phiclip_shapes"
+
+
+def write_lmms_tasks(data: ShapesDataset, out: Path) -> list[str]:
+    """The demo's held-out sets as lmms-eval tasks in ``out`` (and the group :data:`LMMS_GROUP`); their names."""
+    tasks = {"phiclip_shapes_open": (data.eval_json, "exact"), "phiclip_shapes_two_image": (data.eval_pairs_json, "exact"),
+             "phiclip_shapes_pope": (data.eval_pope_json, "yesno"), "phiclip_shapes_choice": (data.eval_choice_json, "choice")}
+    for name, (path, metric) in tasks.items():
+        write_task(path, out, name, images=data.images_dir, metric=metric, max_new_tokens=24)
+    write_group(out, LMMS_GROUP, list(tasks))
+    return list(tasks)
 
 
 def _step(title: str) -> None:
@@ -114,6 +129,12 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
         shutil.copyfile(path, model_dir / name)
     print(f"{model_dir}  (push it: phiclip push {out} YOU/phiclip-demo)")
     print(f'load it as a Hub user: AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=True)')
+
+    _step("lmms-eval tasks: the held-out sets, scored like phiclip eval")
+    tasks = out / "lmms_tasks"
+    write_lmms_tasks(data, tasks)
+    print(f"lmms-eval --model phiclip --model_args pretrained={out} --tasks {LMMS_GROUP} --include_path {tasks}"
+          "  (in .venv-lmms: make test-lmms)")
 
     print(f"\nrun directory: {out}  (try: phiclip chat {out} --image IMAGE \"What color is the shape?\")")
     print(f"demo took {time.time() - started:.0f} s")

@@ -1,4 +1,5 @@
-"""``phiclip eval``: score a run on an eval set, or compare earlier evaluations."""
+"""``phiclip eval``: score a run on an eval set, or compare earlier evaluations; ``phiclip lmms-task``: the same
+eval set as an lmms-eval task."""
 
 from __future__ import annotations
 
@@ -63,6 +64,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lmms_task(args: argparse.Namespace) -> int:
+    from evaluation.lmms_tasks import write_task
+
+    path, report = write_task(args.data, args.out, args.name, images=args.images, metric=args.metric,
+                              max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, limit=args.limit)
+    print(report.summary(show=10))
+    print(f"task: {path}\nrun it: lmms-eval --model phiclip --model_args pretrained=RUN --tasks {args.name} "
+          f"--include_path {path.parent}")
+    return 0
+
+
 def add_subparser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -75,7 +87,8 @@ def add_subparser(subparsers) -> None:
                    "JSON/JSONL, parquet/arrow file or folder, or hf://OWNER/NAME[:CONFIG][/SPLIT][@REVISION]")
     p.add_argument("--images", default=None, help="images folder (default: the folder of DATA)")
     p.add_argument("--metric", choices=METRICS, default="auto",
-                   help="auto: yesno if all references are yes/no, caption if long, vqa if several answers, else exact")
+                   help="auto: choice if every item has 'choices' (the most likely candidate, by log-probability), "
+                   "yesno if all references are yes/no, caption if long, vqa if several answers, else exact")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N usable items (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -85,3 +98,19 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--compare", nargs="+", metavar="RUN_OR_METRICS",
                    help="print one table from the metrics.json of these runs / eval folders / files")
     p.set_defaults(func=_eval)
+
+    t = subparsers.add_parser(
+        "lmms-task",
+        help="write an eval set as an lmms-eval task (YAML + JSON lines) scored like phiclip eval",
+        description="Read DATA as phiclip eval does and write OUT/NAME.yaml and OUT/NAME.jsonl, a task for "
+        "lmms-eval --include_path OUT (with PhiClip's [lmms] extra: --model phiclip).",
+    )
+    t.add_argument("data", help="eval set: LLaVA JSON/JSONL, parquet/arrow file or folder, or hf://...")
+    t.add_argument("out", help="task folder (lmms-eval's --include_path)")
+    t.add_argument("--name", required=True, help="task name (letters, digits, underscores)")
+    t.add_argument("--images", default=None, help="images folder (default: the folder of DATA)")
+    t.add_argument("--metric", choices=("auto", "exact", "vqa", "yesno", "choice"), default="auto")
+    t.add_argument("--max-new-tokens", type=int, default=32)
+    t.add_argument("--prompt-suffix", default="", help="appended to every question")
+    t.add_argument("--limit", type=int, default=0, help="only the first N usable items (0: all)")
+    t.set_defaults(func=_lmms_task)

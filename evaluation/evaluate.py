@@ -5,8 +5,9 @@ parquet/arrow files or folders, either row layout). An eval item is a record's l
 conversation before it as history)
 and its reference answer(s): the gpt turn that follows it, or an ``answers`` list
 (VQAv2 style: strings, or objects with an ``answer`` key), which also lets the record end
-with the question. Items with and without an image are generated in separate batches
-(``VisionChat.answer_batch`` needs a batch to agree on that).
+with the question. An item may carry ``choices`` (candidate answers, one of them the reference): the ``choice`` metric
+picks the candidate the model finds most likely (:func:`chat.scoring.score_continuations`) instead of
+generating, as multiple-choice benchmarks (MMBench, SEED) do.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class EvalItem:
     references: list[str]
     images: list[Path | RowImage] = field(default_factory=list)  # files, or images embedded in a dataset
     question_type: str | None = None
+    choices: list[str] | None = None  # candidate answers for the choice metric
 
     @property
     def question(self) -> str:
@@ -65,6 +67,19 @@ def _answers_field(raw: dict) -> list[str] | None:
     return out
 
 
+def _choices_field(raw: dict, references: list[str]) -> list[str] | None:
+    choices = raw.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise BadRecord("bad field: 'choices' must be a list of two or more answer strings")
+    if len(set(choices)) != len(choices):
+        raise BadRecord("bad field: 'choices' lists an answer twice")
+    if not any(ref in choices for ref in references):
+        raise BadRecord("bad field: 'choices' does not hold the reference answer")
+    return choices
+
+
 def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver, images: list[Any] | None = None) -> EvalItem:
     """``images``: the record's images as a dataset row holds them (see :func:`parse_record`)."""
     if not isinstance(raw, dict):
@@ -93,6 +108,7 @@ def _to_item(raw: Any, source: str, index: int, resolver: ImageResolver, images:
         references=references,
         images=images,
         question_type=str(qtype) if qtype is not None else None,
+        choices=_choices_field(raw, references),
     )
 
 
@@ -119,7 +135,8 @@ def _with_suffix(messages: list[dict[str, str]], suffix: str) -> list[dict[str, 
 
 def generate_answers(chat, items: list[EvalItem], *, batch_size: int = 8, max_new_tokens: int = 32,
                      prompt_suffix: str = "", report: Report | None = None, progress: bool = True) -> list[str | None]:
-    """One answer per item (``None`` where its image could not be opened), generated in batches."""
+    """One answer per item, generated in batches; ``None`` (and a line in ``report``) where the item cannot be
+    asked (:func:`_prepare`)."""
     from chat.assistant import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -132,21 +149,67 @@ def generate_answers(chat, items: list[EvalItem], *, batch_size: int = 8, max_ne
         group.sort(key=lambda i: sum(len(m["content"]) for m in items[i].messages))
         for start in range(0, len(group), max(1, batch_size)):
             batch = group[start:start + max(1, batch_size)]
-            images = []
-            keep = []
-            for i in batch:
-                try:
-                    images.append([open_image(image.read() if isinstance(image, RowImage) else image)
-                                   for image in items[i].images])
-                    keep.append(i)
-                except ImageError as err:
-                    if report is not None:
-                        report.skip(str(items[i].images[0]), items[i].id, str(err))
-            if keep:
-                conversations = [_with_suffix(items[i].messages, prompt_suffix) for i in keep]
-                for i, text in zip(keep, chat.answer_batch(conversations, images, settings, image_markers=True)):
-                    answers[i] = text
+            prompts = _prepare(chat, items, batch, prompt_suffix, report)
+            if prompts:
+                for i, completion in zip(prompts, chat.complete_prompts(list(prompts.values()), settings)):
+                    answers[i] = completion.text
             bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+def _prepare(chat, items: list[EvalItem], indices: list[int], prompt_suffix: str, report: Report | None,
+             longest_answer: int = 0) -> dict[int, Any]:
+    """The :class:`chat.assistant.Prompt` of each item among ``indices`` that can be asked; the others are skipped
+    in ``report``: an image that does not open, ``<image>`` markers that do not match the images, or a question
+    (plus ``longest_answer`` tokens) longer than the LM's context."""
+    prompts = {}
+    for i in indices:
+        item = items[i]
+        try:
+            images = [open_image(image.read() if isinstance(image, RowImage) else image) for image in item.images]
+            prompt = chat.prompt(_with_suffix(item.messages, prompt_suffix), images, image_markers=True)
+        except (ImageError, ValueError) as err:
+            if report is not None:
+                report.skip(str(item.images[0]) if item.images else "", item.id, str(err))
+            continue
+        if prompt.length + longest_answer > chat.context_length:
+            if report is not None:
+                report.skip("", item.id, f"too long: {prompt.length + longest_answer} positions, over the LM's "
+                            f"context of {chat.context_length}")
+            continue
+        prompts[i] = prompt
+    return prompts
+
+
+def choose_answers(chat, items: list[EvalItem], *, batch_size: int = 8, prompt_suffix: str = "",
+                   report: Report | None = None, progress: bool = True) -> list[str | None]:
+    """Each item's most likely choice; ``None`` (and a line in ``report``) where it cannot be asked.
+
+    Every choice is scored as the item's answer (:func:`chat.scoring.score_continuations`: the sum of its
+    tokens' log-probabilities, end-of-turn marker included); the first of equally likely choices wins.
+    """
+    from chat.scoring import score_continuations
+
+    answers: list[str | None] = [None] * len(items)
+    bar = tqdm(total=len(items), desc="eval (choices)", unit="item", disable=not progress)
+    per_batch = max(1, batch_size)
+    for start in range(0, len(items), per_batch):
+        batch = list(range(start, min(start + per_batch, len(items))))
+        longest = {i: max(len(chat.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in items[i].choices)
+                   for i in batch}
+        prompts = {i: p for i in batch for i, p in _prepare(chat, items, [i], prompt_suffix, report, longest[i]).items()}
+        rows = [(i, prompt.images, choice) for i, prompt in prompts.items() for choice in items[i].choices]
+        scores = score_continuations(chat, [_with_suffix(items[i].messages, prompt_suffix) for i, _, _ in rows],
+                                     [row_images for _, row_images, _ in rows], [c for _, _, c in rows],
+                                     image_markers=True, batch_size=per_batch)
+        best: dict[int, tuple[float, str]] = {}
+        for (i, _, choice), score in zip(rows, scores):
+            if i not in best or score.logprob > best[i][0]:
+                best[i] = (score.logprob, choice)
+        for i, (_, choice) in best.items():
+            answers[i] = choice
+        bar.update(len(batch))
     bar.close()
     return answers
 
@@ -179,6 +242,12 @@ def score_answers(items: list[EvalItem], answers: list[str], metric: str = "auto
             row["correct"] = row["score"] > 0
         out["vqa_accuracy"] = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
         out["score"] = out["vqa_accuracy"]
+    elif metric == "choice":
+        for row in rows:
+            row["score"] = row["exact_match"]
+            row["correct"] = bool(row["exact_match"])
+        out["accuracy"] = out["exact_match"]
+        out["score"] = out["accuracy"]
     elif metric == "yesno":
         predicted = [M.yes_no(r["answer"]) for r in rows]
         labels = [M.yes_no(r["references"][0]) for r in rows]  # "Yes, there is." counts as yes
@@ -229,16 +298,28 @@ def evaluate_run(
     metric's headline number) and ``by_type`` (mean per-item score per ``question_type``:
     accuracy for vqa/exact/yesno, CIDEr for captions), plus the metric's own numbers.
     ``prompt_suffix`` is appended to each question (e.g. LLaVA's "Answer the question
-    using a single word or phrase.").
+    using a single word or phrase."). ``metric="choice"`` (``auto`` when every item has ``choices``)
+    scores candidates instead of generating; items without ``choices`` are then skipped and reported.
     """
     if metric not in M.METRICS:
         raise ValueError(f"metric '{metric}' is not one of {', '.join(M.METRICS)}")
     items, report = load_eval_set(data, images, limit)
     if not items:
         raise ValueError(f"no usable eval items in {data}:\n{report.summary()}")
+    if metric == "auto" and all(it.choices for it in items):
+        metric = "choice"
     started = time.perf_counter()
-    answers = generate_answers(chat, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               prompt_suffix=prompt_suffix, report=report, progress=progress)
+    if metric == "choice":
+        for item in [it for it in items if not it.choices]:
+            report.skip(str(data), item.id, "no 'choices' field: the choice metric needs candidate answers")
+        items = [it for it in items if it.choices]
+        if not items:
+            raise ValueError(f"the choice metric needs items with 'choices'; {data} has none")
+        answers = choose_answers(chat, items, batch_size=batch_size, prompt_suffix=prompt_suffix, report=report,
+                                 progress=progress)
+    else:
+        answers = generate_answers(chat, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   prompt_suffix=prompt_suffix, report=report, progress=progress)
     elapsed = time.perf_counter() - started
     answered = [(it, a) for it, a in zip(items, answers) if a is not None]
     result = score_answers([it for it, _ in answered], [a for _, a in answered], metric)

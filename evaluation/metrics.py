@@ -215,7 +215,7 @@ def caption_scores(
 
 # --- choosing a metric ------------------------------------------------------------------
 
-METRICS = ("auto", "vqa", "exact", "caption", "yesno")
+METRICS = ("auto", "vqa", "exact", "caption", "yesno", "choice")
 CAPTION_WORDS = 5
 
 

