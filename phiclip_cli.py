@@ -75,6 +75,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    if args.gguf and (args.results or args.no_run_results):
+        raise SystemExit("--results and --no-run-results apply to the model's own card, not --gguf")
     if args.gguf:
         from export.gguf_push import push_gguf
 
@@ -84,14 +86,16 @@ def _push(args: argparse.Namespace) -> int:
         return 0
     if args.quant:
         raise SystemExit("--quant applies to --gguf only")
-    from publish.push import example_questions, push
+    from publish.push import example_questions, push, run_result_files
 
     examples = None
     if args.examples:
         examples = example_questions(args.examples, args.images, args.n_examples)
+    results = ([] if args.no_run_results else run_result_files(args.source)) + args.results
     commit = push(args.source, args.repo_id, examples, datasets=args.dataset, license=args.license,
-                  private=args.private or None)
+                  private=args.private or None, results=results)
     print(f"pushed {args.source} -> {commit.commit_url}")
+    print("evaluation results on the card: " + (", ".join(map(str, results)) or "none"))
     print(f"load it pinned to this commit: AutoModelForCausalLM.from_pretrained({args.repo_id!r}, "
           f"trust_remote_code=True, revision={commit.oid!r})")
     return 0
@@ -121,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-examples", type=int, default=3)
     p.add_argument("--dataset", action="append", default=[], help="dataset id for the card (repeatable)")
     p.add_argument("--license", default="mit")
+    p.add_argument("--results", action="append", default=[], metavar="FILE",
+                   help="evaluation results for the card's metadata (model-index) and results table: an lmms-eval "
+                   "*_results.json or a phiclip eval metrics.json (repeatable); added to the run's own phiclip eval "
+                   "results (its eval.json or metrics.json, and eval/*/metrics.json)")
+    p.add_argument("--no-run-results", action="store_true",
+                   help="leave the run's own phiclip eval results off the card")
     p.add_argument("--private", action="store_true")
     p.add_argument("--gguf", action="store_true", help="upload the GGUF export (LM + mmproj for llama.cpp, Ollama, "
                    "LM Studio) instead; SOURCE may also be a folder written by `phiclip export --format gguf`")
