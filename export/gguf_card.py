@@ -42,6 +42,22 @@ def _between(text: str, start: str, end: str | None) -> str:
     return text[at:] if end is None else text[at:text.index(end, at)]
 
 
+def _conversation_end(user_after: str, assistant_after: str, user_to_assistant: str, assistant_to_user: str) -> str:
+    """The longest text that ends both a conversation's last user and last assistant message but follows neither
+    inside a conversation ("" when messages close the same wherever they stand)."""
+    if user_to_assistant.startswith(user_after) and assistant_to_user.startswith(assistant_after):
+        return ""
+    shared = 0
+    for a, b in zip(reversed(user_after), reversed(assistant_after)):
+        if a != b:
+            break
+        shared += 1
+    for n in range(1, shared + 1):  # the shortest such text: messages keep as much of their closing as they can
+        if user_to_assistant.startswith(user_after[:-n]) and assistant_to_user.startswith(assistant_after[:-n]):
+            return user_after[-n:]
+    return ""
+
+
 def chat_turns(render: Callable[[list[dict], bool], str]) -> ChatTurns:
     """Role markers of the template behind ``render(messages, add_generation_prompt)``.
 
@@ -65,6 +81,11 @@ def chat_turns(render: Callable[[list[dict], bool], str]) -> ChatTurns:
         alone_head = alone[:alone.index(_USR)]
     except ValueError as err:
         raise TemplateShapeError(f"the chat template drops or rewrites message content: {err}") from err
+    # Text the template writes once, after the last message of a conversation without a generation prompt
+    # (Phi-3's `<|endoftext|>`): not part of how a message closes, and never in a prompt Ollama renders.
+    end = _conversation_end(user_after, assistant_after, user_to_assistant, assistant_to_user)
+    user_after, assistant_after = user_after.removesuffix(end), assistant_after.removesuffix(end)
+    closed = closed.removesuffix(end)
     if not (user_to_assistant.startswith(user_after) and assistant_to_user.startswith(assistant_after)):
         raise TemplateShapeError("the chat template closes a message differently depending on what follows")
     assistant_before = user_to_assistant[len(user_after):]
@@ -78,6 +99,9 @@ def chat_turns(render: Callable[[list[dict], bool], str]) -> ChatTurns:
         prefix, default_system = before_user, ""
     elif before_user.startswith(full_head) and before_user.endswith(system_after):
         prefix, default_system = "", before_user[len(full_head):len(before_user) - len(system_after)]
+        if not default_system:
+            raise TemplateShapeError("the chat template writes an empty system block when there is no system message "
+                                     "(as Llama 3.1's dated header does); a Modelfile's template cannot copy that")
     else:
         raise TemplateShapeError("the chat template's default system message cannot be isolated")
     return ChatTurns(prefix, (full_head[len(prefix):], system_after), (user_before, user_after),

@@ -408,3 +408,38 @@ def test_card_names_files_commands_and_measured_figures():
     assert "--allow-approximate-vision" in text
     exact = gguf_card.card(gguf_card.CardFacts(**{**facts.__dict__, "vision": "exact", "vision_exact": True}))
     assert "llama.cpp computes exactly PhiClip's image features" in exact and "--allow-approximate-vision" not in exact
+
+
+# ---- each family's chat template as an Ollama template -----------------------------------------
+
+FAMILY_TURNS = {  # family -> None (its turns are read) or the reason the export refuses it
+    "chatml": None, "phi3": None, "phi3.5": None, "llama3": None, "llama3.1": "writes an empty system block",
+    "qwen2.5": None,
+    "qwen3": None, "smollm3": None, "gemma2": "the chat template refuses this conversation",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TURNS))
+def test_each_familys_template_becomes_an_ollama_template_or_is_refused_by_name(family, smol_tokenizer_dir):
+    from helpers import tokenizer_with_template
+    from transformers import CLIPImageProcessor
+
+    from processing_phiclip import TemplateError
+
+    processor = PhiClipProcessor.from_parts(CLIPImageProcessor(), tokenizer_with_template(smol_tokenizer_dir, family))
+
+    def render(messages, gen):
+        return processor.render(messages, add_generation_prompt=gen)
+
+    if FAMILY_TURNS[family] is not None:
+        with pytest.raises((gguf_card.TemplateShapeError, TemplateError), match=FAMILY_TURNS[family]):
+            gguf_card.chat_turns(render)
+        return
+    turns = gguf_card.chat_turns(render)
+    template = gguf_card.ollama_template(turns)
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "What colour?"}]
+    own = [{"role": "system", "content": "Be brief."}, *chat]
+    assert _go_render(template, own) == render(own, True)
+    default = [{"role": "system", "content": turns.default_system}] if turns.default_system else []
+    assert _go_render(template, [*default, *chat]) == render(chat, True)
