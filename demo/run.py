@@ -27,6 +27,7 @@ from offline.cache import cache_dir
 from offline.shapes import COLORS
 from offline.shapes_data import ShapesDataset, make_shapes_dataset
 from publish.push import answered_card, example_questions
+from publish.results import read_all
 from runtime.config import load_config
 from runtime.models import HUB_NAMES, PREFIX, SHAPES_TOWER, SMOLLM2, resolve
 from runtime.rundir import MODEL_DIR
@@ -50,8 +51,10 @@ LMMS_GROUP = "phiclip_shapes"
 
 def write_lmms_tasks(data: ShapesDataset, out: Path) -> list[str]:
     """The demo's held-out sets as lmms-eval tasks in ``out`` (and the group :data:`LMMS_GROUP`); their names."""
-    tasks = {"phiclip_shapes_open": (data.eval_json, "exact"), "phiclip_shapes_two_image": (data.eval_pairs_json, "exact"),
-             "phiclip_shapes_pope": (data.eval_pope_json, "yesno"), "phiclip_shapes_choice": (data.eval_choice_json, "choice")}
+    tasks = {"phiclip_shapes_open": (data.eval_json, "exact"),
+             "phiclip_shapes_two_image": (data.eval_pairs_json, "exact"),
+             "phiclip_shapes_pope": (data.eval_pope_json, "yesno"),
+             "phiclip_shapes_choice": (data.eval_choice_json, "choice")}
     for name, (path, metric) in tasks.items():
         write_task(path, out, name, images=data.images_dir, metric=metric, max_new_tokens=24)
     write_group(out, LMMS_GROUP, list(tasks))
@@ -122,7 +125,8 @@ def run_demo(out: Path, fresh: bool = False) -> dict:
     _step("Hub-ready folder: model card with the model's own answers")
     model_dir = out / MODEL_DIR
     card, files = answered_card(chat, DEMO_REPO, example_questions(data.eval_json, data.images_dir, 3),
-                                license="apache-2.0", base_models=[HUB_NAMES[SMOLLM2]])
+                                license="apache-2.0", base_models=[HUB_NAMES[SMOLLM2]],
+                                scores=read_all([out / "eval.json"]))
     (model_dir / "README.md").write_text(card, encoding="utf-8")
     for name, path in files.items():
         (model_dir / name).parent.mkdir(parents=True, exist_ok=True)

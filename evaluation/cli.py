@@ -68,7 +68,8 @@ def _lmms_task(args: argparse.Namespace) -> int:
     from evaluation.lmms_tasks import write_task
 
     path, report = write_task(args.data, args.out, args.name, images=args.images, metric=args.metric,
-                              max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, limit=args.limit)
+                              max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, limit=args.limit,
+                              image_markers=not args.no_image_markers)
     print(report.summary(show=10))
     print(f"task: {path}\nrun it: lmms-eval --model phiclip --model_args pretrained=RUN --tasks {args.name} "
           f"--include_path {path.parent}")
@@ -113,4 +114,6 @@ def add_subparser(subparsers) -> None:
     t.add_argument("--max-new-tokens", type=int, default=32)
     t.add_argument("--prompt-suffix", default="", help="appended to every question")
     t.add_argument("--limit", type=int, default=0, help="only the first N usable items (0: all)")
+    t.add_argument("--no-image-markers", action="store_true",
+                   help="questions without <image> (images first), for lmms-eval models other than phiclip")
     t.set_defaults(func=_lmms_task)

@@ -198,7 +198,9 @@ def choose_answers(chat, items: list[EvalItem], *, batch_size: int = 8, prompt_s
         batch = list(range(start, min(start + per_batch, len(items))))
         longest = {i: max(len(chat.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in items[i].choices)
                    for i in batch}
-        prompts = {i: p for i in batch for i, p in _prepare(chat, items, [i], prompt_suffix, report, longest[i]).items()}
+        prompts = {}
+        for i in batch:
+            prompts.update(_prepare(chat, items, [i], prompt_suffix, report, longest[i]))
         rows = [(i, prompt.images, choice) for i, prompt in prompts.items() for choice in items[i].choices]
         scores = score_continuations(chat, [_with_suffix(items[i].messages, prompt_suffix) for i, _, _ in rows],
                                      [row_images for _, row_images, _ in rows], [c for _, _, c in rows],

@@ -43,7 +43,7 @@ from processing_phiclip import ImageError, TemplateError
 
 log = logging.getLogger("phiclip.lmms")
 
-# lmms-eval generation keywords -> how each is honoured ("num_beams" only at 1: PhiClip's answers are greedy or sampled).
+# The lmms-eval generation keywords PhiClip honours (num_beams only at 1: its answers are greedy or sampled).
 GENERATION_KEYS = ("until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams", "repetition_penalty")
 
 

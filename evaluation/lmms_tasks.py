@@ -9,8 +9,9 @@ answers:
 - ``yesno``: ``generate_until``, POPE's accuracy, F1 (yes is positive) and yes-ratio;
 - ``choice``: lmms-eval's ``multiple_choice`` (each candidate's log-likelihood, ``acc``).
 
-A document keeps the question as the record writes it, ``<image>`` markers included, and its images as absolute
-paths (or data URLs for images embedded in a dataset), opened by :func:`processing_phiclip.open_image`.
+A document keeps the question as the record writes it, ``<image>`` markers included (or left out, for models
+other than PhiClip), and its images as absolute paths (or data URLs for images embedded in a dataset), opened by
+:func:`processing_phiclip.open_image`.
 Sources: lmms-eval's task YAML (github.com/EvolvingLMMs-Lab/lmms-eval, ``lmms_eval/tasks``).
 """
 
@@ -26,7 +27,7 @@ from data.images import RowImage
 from data.records import Report
 from evaluation import metrics as M
 from evaluation.evaluate import EvalItem, load_eval_set
-from processing_phiclip import open_image
+from processing_phiclip import IMAGE_TOKEN, open_image
 
 TASK_METRICS = ("exact", "vqa", "yesno", "choice")
 _FN = "!function evaluation.lmms_tasks."
@@ -38,8 +39,10 @@ def _image_field(image: Path | RowImage) -> str:
     return str(Path(image).resolve())
 
 
-def _document(item: EvalItem, prompt_suffix: str) -> dict[str, Any]:
+def _document(item: EvalItem, prompt_suffix: str, image_markers: bool) -> dict[str, Any]:
     question = item.messages[-1]["content"]
+    if not image_markers:
+        question = " ".join(part.strip() for part in question.split(IMAGE_TOKEN) if part.strip())
     return {
         "id": item.id,
         "question": f"{question}\n{prompt_suffix}" if prompt_suffix else question,
@@ -98,19 +101,23 @@ def write_task(
     max_new_tokens: int = 32,
     prompt_suffix: str = "",
     limit: int = 0,
+    image_markers: bool = True,
 ) -> tuple[Path, Report]:
     """Write the lmms-eval task ``name`` for the eval set ``data`` (as ``phiclip eval`` reads it) into ``out_dir``.
 
     ``metric``: one of :data:`TASK_METRICS`, or ``auto`` (``choice`` when every item has ``choices``, else
     as ``phiclip eval`` picks). Items with earlier turns are skipped and reported (lmms-eval hands a model one
-    question). Returns the YAML's path and the reading report. Raises ``ValueError`` for a metric lmms-eval
-    cannot score this way (``caption``), a name that is not an identifier, or a set with no usable item.
+    question). ``image_markers=False`` writes questions without ``<image>``, as benchmarks ask them (a model
+    then puts the images first): the form every lmms-eval model reads, where ``llava_hf`` and the OpenAI backend
+    would take a marker for text. Returns the YAML's path and the reading report. Raises ``ValueError`` for a
+    metric lmms-eval cannot score this way (``caption``), a name that is not an identifier, or a set with no usable item.
     """
     if not name.replace("_", "").isalnum():
         raise ValueError(f"task name {name!r}: use letters, digits and underscores")
     items, report = load_eval_set(data, images, limit)
     for item in [it for it in items if len(it.messages) > 1]:
-        report.skip(str(data), item.id, f"{len(item.messages) - 1} earlier turn(s): an lmms-eval task asks one question")
+        report.skip(str(data), item.id,
+                    f"{len(item.messages) - 1} earlier turn(s): an lmms-eval task asks one question")
     items = [it for it in items if len(it.messages) == 1]
     if not items:
         raise ValueError(f"no usable eval items in {data}:\n{report.summary()}")
@@ -127,7 +134,7 @@ def write_task(
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
         for item in items:
-            f.write(json.dumps(_document(item, prompt_suffix)) + "\n")
+            f.write(json.dumps(_document(item, prompt_suffix, image_markers)) + "\n")
     path = out / f"{name}.yaml"
     path.write_text(_yaml(name, metric, max_new_tokens), encoding="utf-8")
     return path, report

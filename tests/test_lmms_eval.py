@@ -156,12 +156,56 @@ def test_the_phiclip_model_refuses_what_it_cannot_honour(lmms_env):
         "s = settings_from({'until': '\\n\\n', 'max_new_tokens': 7, 'temperature': 0.7, 'do_sample': False}, 't')\n"
         "print('settings:', s.stop, s.max_new_tokens, s.temperature)\n"
     )
-    done = subprocess.run([str(lmms_env), "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith(("refused: ", "settings: "))]
+    done = subprocess.run([str(lmms_env), "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line.split(": ", 1)[1] for line in done.stdout.splitlines()
+             if line.startswith(("refused: ", "settings: "))]
     assert len(lines) == 5, done.stdout + done.stderr
     assert "model argument(s) not supported: attn" in lines[0]
     assert "batch_size=auto" in lines[1]
     assert "task mmstar: generation setting(s) image_aspect_ratio not supported" in lines[2]
     assert "task pope: num_beams=4" in lines[3]
     assert lines[4] == "('\\n\\n',) 7 0.0"  # do_sample false: greedy whatever the temperature
+
+
+HUB_PROBE = """
+import sys
+import lmms_eval.models
+from evaluation.lmms_model import PhiClipLmms
+repo, sha, image = sys.argv[1:4]
+model = PhiClipLmms(pretrained=repo, revision=sha)
+print("answer:", model.chat.answer([{"role": "user", "content": "What color are the shapes?"}], image))
+try:
+    PhiClipLmms(pretrained=repo)
+except Exception as err:
+    print("main:", type(err).__name__)
+"""
+
+
+def test_a_hub_repo_loads_at_the_revision_asked(lmms_env, tmp_path):
+    """``pretrained=OWNER/NAME,revision=SHA``: the commit asked for, not the branch head (here a broken projector)."""
+    from hub_server import LocalHub, hub_env
+
+    from chat.assistant import VisionChat
+    from offline.cache import cache_dir
+
+    if not (RUN / "model" / "config.json").is_file():
+        pytest.skip(f"no demo run at {RUN} (make demo, or set PHICLIP_DEMO_RUN)")
+    image = cache_dir() / "shapes-data" / "images" / "eval-000000.png"
+    repo = "local-user/phiclip-lmms"
+    push = ("import sys\nfrom huggingface_hub import HfApi\napi = HfApi()\napi.create_repo(sys.argv[2], exist_ok=True)\n"
+            "print(api.upload_folder(repo_id=sys.argv[2], folder_path=sys.argv[1]).oid)\n"
+            "print(api.upload_file(path_or_fileobj=b'broken', path_in_repo='projector.safetensors', "
+            "repo_id=sys.argv[2]).oid)\n")
+    with LocalHub() as server:
+        pushed = subprocess.run([str(lmms_env), "-c", push, str(RUN / "model"), repo], capture_output=True, text=True,
+                                env=hub_env(server.url, tmp_path / "push"), timeout=300, check=False)
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        first = pushed.stdout.split()[0]
+        done = subprocess.run([str(lmms_env), "-c", HUB_PROBE, repo, first, str(image)], capture_output=True,
+                              text=True, env=hub_env(server.url, tmp_path / "home"), timeout=600, check=False)
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith(("answer: ", "main: ")))
+    assert "answer" in lines, done.stdout[-2000:] + done.stderr[-4000:]
+    ours = VisionChat.load(RUN).answer([{"role": "user", "content": "What color are the shapes?"}], str(image))
+    assert lines["answer"] == ours
+    assert "main" in lines  # the branch head's projector is not a safetensors file
