@@ -125,7 +125,8 @@ def test_write_task_writes_what_lmms_eval_reads(tmp_path):
     data, images = _choice_set(tmp_path)
     path, report = write_task(data, tmp_path / "tasks", "my_choices", images=images, metric="choice")
     config = yaml.load(path.read_text().replace("!function ", ""), Loader=yaml.SafeLoader)
-    assert config["output_type"] == "multiple_choice" and config["dataset_kwargs"]["data_files"]["test"] == "my_choices.jsonl"
+    assert config["output_type"] == "multiple_choice"
+    assert config["dataset_kwargs"]["data_files"]["test"] == "my_choices.jsonl"
     docs = [json.loads(line) for line in (tmp_path / "tasks" / "my_choices.jsonl").read_text().splitlines()]
     assert [d["id"] for d in docs] == ["c0", "c1", "c2"]  # the two-turn, no-choices and bad records are reported
     assert {p.record for p in report.problems} == {"bad-choices", "two-turns", "no-choices"}
