@@ -46,7 +46,9 @@ def _chat(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from data.check import check_dataset
 
-    report = check_dataset(args.data, args.images, tokenizer=args.tokenizer)
+    if args.system_prompt is not None and not args.tokenizer:
+        raise ValueError("--system-prompt is checked against a chat template: give --tokenizer too")
+    report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, system_prompt=args.system_prompt)
     print(report.summary(show=args.show))
     return 0 if report.n_kept else 1
 
@@ -156,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="", help="images folder the records' paths are relative to "
                    "(default for a local dataset: its folder)")
     p.add_argument("--show", type=int, default=50, help="how many problems to list")
-    p.add_argument("--tokenizer", default=None, help="also count records whose text spells one of this tokenizer's "
-                   "special tokens (Hub name, path, offline:NAME)")
+    p.add_argument("--tokenizer", default=None, help="check this LM's chat template first, as phiclip train does, "
+                   "and count records whose text spells one of its special tokens (Hub name, path, offline:NAME)")
+    p.add_argument("--system-prompt", default=None, help="the run's data.system_prompt, checked against the "
+                   "tokenizer's chat template (Gemma's refuses a system role)")
     p.set_defaults(func=_data_check)
     p = data.add_parser("stats", help="records, turns, images and token lengths")
     p.add_argument("data")

@@ -234,12 +234,24 @@ class VisionChat:
 
         ``settings``: one for every row, or a list with row i's own (stop strings, seed,
         penalties, logprobs ... see :class:`GenerationSettings`). ``sinks[i]`` receives row i's
-        text as it is generated; setting ``cancelled[i]`` ends row i early (the others go on).
+        text as it is generated; setting ``cancelled[i]`` ends row i early (the others go on). Prompts with
+        images and text-only prompts may be mixed: each route is generated in a call of its own.
         """
         settings = settings or GenerationSettings()
         if isinstance(settings, GenerationSettings):
             settings = [settings] * len(prompts)
-        return self._generate(self.batch(prompts), settings, sinks, cancelled)
+        routes = [[i for i, p in enumerate(prompts) if p.images], [i for i, p in enumerate(prompts) if not p.images]]
+        if not all(routes):
+            return self._generate(self.batch(prompts), settings, sinks, cancelled)
+        # Image rows and text-only rows take different routes: one generate() call each, answers in order.
+        out: list[Completion | None] = [None] * len(prompts)
+        for rows in routes:
+            done = self._generate(self.batch([prompts[i] for i in rows]), [settings[i] for i in rows],
+                                  [sinks[i] for i in rows] if sinks else None,
+                                  [cancelled[i] for i in rows] if cancelled else None)
+            for i, completion in zip(rows, done):
+                out[i] = completion
+        return out
 
     def answer_batch(self, conversations: list[list[dict]], images: list[Any],
                      settings: GenerationSettings | None = None, image_markers: bool = False) -> list[str]:

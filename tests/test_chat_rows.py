@@ -244,3 +244,18 @@ def test_a_cancelled_row_stops_and_the_others_go_on(chat):
     out = chat.complete([SEA, CITY], [None, None], settings, sinks=[sink, None], cancelled=[gone, None])
     assert out[0].finish_reason == "cancelled" and len(out[0].token_ids) < 20
     assert out[1].token_ids == one(chat, CITY, settings).token_ids
+
+
+def test_one_call_may_mix_image_and_text_only_prompts(chat):
+    """complete() answers image rows and text-only rows by their own routes, in order, as each would alone."""
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    question = [{"role": "user", "content": "What is it?"}]
+    settings = GenerationSettings(max_new_tokens=6)
+    mixed = chat.complete([question, question, question], [image, None, image], settings)
+    alone = [chat.complete([question], [image], settings)[0], chat.complete([question], [None], settings)[0]]
+    assert [c.token_ids for c in mixed] == [alone[0].token_ids, alone[1].token_ids, alone[0].token_ids]
+    pieces: list[list[str]] = [[], [], []]
+    streamed = chat.complete([question, question, question], [None, image, None], settings,
+                             sinks=[lambda piece, _, k=k: pieces[k].append(piece) for k in range(3)])
+    assert ["".join(p).strip() for p in pieces] == [c.text for c in streamed]
+    assert streamed[1].token_ids == alone[0].token_ids

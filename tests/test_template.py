@@ -196,3 +196,20 @@ def test_a_template_that_cannot_train_fails_up_front(smol_tokenizer_dir, tiny_cl
         check_chat_template(gemma, "Be brief.")
     plain = PhiClipProcessor.from_parts(images, tokenizer_with_template(smol_tokenizer_dir, "gemma2"))
     check_chat_template(plain, None)
+
+
+def test_data_check_says_up_front_what_the_template_cannot_render(smol_tokenizer_dir, tmp_path, capsys):
+    """``phiclip data check --tokenizer`` checks the chat template as ``phiclip train`` does, before any record."""
+    from phiclip_cli import main
+
+    tokenizer_with_template(smol_tokenizer_dir, "gemma2").save_pretrained(tmp_path / "gemma")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "t", "conversations": [{"from": "human", "value": "Hi?"},
+                                                              {"from": "gpt", "value": "Hello."}]}]))
+    assert main(["data", "check", str(data), "--tokenizer", str(tmp_path / "gemma"), "--system-prompt",
+                 "Be brief."]) == 2
+    err = capsys.readouterr().err
+    assert "gemma" in err and "data.system_prompt" in err and "System role not supported" in err
+    assert main(["data", "check", str(data), "--tokenizer", str(tmp_path / "gemma")]) == 0
+    assert main(["data", "check", str(data), "--system-prompt", "Be brief."]) == 2
+    assert "give --tokenizer too" in capsys.readouterr().err
