@@ -440,8 +440,11 @@ class PhiClipProcessor(ProcessorMixin):
         at = 0
         for start, stop in [*spans, (len(full), len(full))]:
             for lo, hi, supervised in ((at, start, False), (start, stop, True)):
-                if hi > lo:
-                    piece = self._tokenize_rendered(full[lo:hi], segments)
+                text = full[lo:hi]
+                if ids and self._strips(ids[-1])[1]:  # a special token that eats the whitespace after it
+                    text = text.lstrip()
+                if text:
+                    piece = self._tokenize_rendered(text, segments, at_start=lo == 0)
                     ids += piece
                     labels += piece if supervised else [IGNORE_INDEX] * len(piece)
             if stop > start:
@@ -482,11 +485,12 @@ class PhiClipProcessor(ProcessorMixin):
             raise TemplateError(f"the chat template closes answer {i} differently once later turns follow")
         return start, after + len(marker)
 
-    def _tokenize_rendered(self, text: str, segments: list[list[str | None]]) -> list[int]:
+    def _tokenize_rendered(self, text: str, segments: list[list[str | None]], at_start: bool = True) -> list[int]:
         """Ids of rendered template text in which message stand-ins are replaced by their segments.
 
         The template's own text keeps its special tokens; message text is split into ordinary tokens.
         Text between two special tokens is tokenized as one piece, as the tokenizer itself would.
+        ``at_start``: ``text`` opens the conversation (else it continues it: see :meth:`_text_ids`).
         """
         specials = self._special_tokens()
         pattern = "|".join([_STAND_IN.pattern] + [re.escape(s) for s in sorted(specials, key=len, reverse=True)])
@@ -503,22 +507,54 @@ class PhiClipProcessor(ProcessorMixin):
         atoms.append(text[at:])
         ids: list[int] = []
         run = ""
+        opening = at_start  # the run opens the conversation: nothing before it
         for k, atom in enumerate(atoms):
             if isinstance(atom, str):
                 run += atom
                 continue
             lstrip, rstrip = self._strips(atom)
-            ids += self._text_ids(run.rstrip() if lstrip else run)
+            ids += self._text_ids(run.rstrip() if lstrip else run, opening)
             ids.append(atom)
-            run = ""
+            run, opening = "", False
             if rstrip and k + 1 < len(atoms) and isinstance(atoms[k + 1], str):
                 atoms[k + 1] = atoms[k + 1].lstrip()
-        return ids + self._text_ids(run)
+        return ids + self._text_ids(run, opening)
 
-    def _text_ids(self, text: str) -> list[int]:
+    def _text_ids(self, text: str, at_start: bool, split_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text`` as the tokenizer gives them inside a whole prompt: a SentencePiece tokenizer that
+        marks only the start of its input with a word boundary ("▁": Metaspace ``prepend_scheme: first``,
+        Mistral v0.3's) does not mark text that follows a special token or other text."""
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        continuation = None if at_start else self._continuation_tokenizer()
+        if continuation is None:
+            return self.tokenizer(text, add_special_tokens=False,
+                                  split_special_tokens=split_special_tokens)["input_ids"]
+        continuation.encode_special_tokens = split_special_tokens
+        return continuation.encode(text, add_special_tokens=False).ids
+
+    def _continuation_tokenizer(self):
+        """The tokenizer's pipeline (``tokenizers.Tokenizer``) with Metaspace's ``prepend_scheme: first`` as
+        ``never``, or None when it has no such step (its pieces tokenize alike wherever they stand)."""
+        if not hasattr(self, "_continuation"):
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            spec = json.loads(backend.to_str()) if backend is not None else {}
+            found = []
+
+            def never(node: Any) -> None:
+                if isinstance(node, dict):
+                    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                        node["prepend_scheme"] = "never"
+                        found.append(node)
+                    for value in node.values():
+                        never(value)
+                elif isinstance(node, list):
+                    for value in node:
+                        never(value)
+
+            never(spec)
+            self._continuation = type(backend).from_str(json.dumps(spec)) if found else None
+        return self._continuation
 
     def _special_tokens(self) -> dict[str, int]:
         """The tokenizer's special added tokens (string -> id), except the image token."""
@@ -627,8 +663,8 @@ class PhiClipProcessor(ProcessorMixin):
             at = found + len(marker)
         pieces.append(prompt[at:])
         ids: list[int] = []
-        for piece in filter(None, pieces):  # a rendered prompt: its special tokens are the template's
-            ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+        for k, piece in enumerate(pieces):  # a rendered prompt: its special tokens are the template's
+            ids.extend(self._text_ids(piece, at_start=k == 0, split_special_tokens=False))
         return ids
 
     def _generation_prompt(self) -> str:
@@ -640,8 +676,14 @@ class PhiClipProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
         """Also keeps ``tokenizer_config.json`` readable by transformers 4.x, which knows neither the
-        ``TokenizersBackend`` class name 5.x writes nor ``extra_special_tokens`` given as a list."""
+        ``TokenizersBackend`` class name 5.x writes nor ``extra_special_tokens`` given as a list, and a
+        SentencePiece LM's ``tokenizer.model`` (Phi-3's, Llama-2's), which 5.x no longer writes but
+        llama.cpp's converters read."""
         saved = super().save_pretrained(save_directory, *args, **kwargs)
+        vocab_file = getattr(self.tokenizer, "vocab_file", None)
+        target = Path(save_directory) / "tokenizer.model"
+        if vocab_file and Path(vocab_file).name == target.name and Path(vocab_file).is_file() and not target.exists():
+            target.write_bytes(Path(vocab_file).read_bytes())
         path = Path(save_directory) / "tokenizer_config.json"
         if path.is_file():
             config = json.loads(path.read_text(encoding="utf-8"))

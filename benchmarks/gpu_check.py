@@ -1,20 +1,22 @@
-"""GPU check of the reference recipe's shapes: peak memory at batch 1, throughput at the largest batch.
+"""GPU check of both reference stages at their configured batch and ``max_length``, beside the memory model.
 
-A random-weight PhiClip shaped like Phi-3.5-mini-instruct (3.8B) + CLIP ViT-L/14-336 (576 patch
-tokens), built from configs alone (no download): the LM's random weights, made on the GPU, are
-loaded through transformers' bitsandbytes quantizer with the recipe's own NF4 settings
-(``runtime.devices.quantization``: ``from_pretrained(None, state_dict=...)``, no temp dir). Then as
-stage 2 of the recipe trains it: QLoRA r=128 on every LM linear (``train.lora.attach_lora``),
-projector trained, gradient checkpointing, bf16, one step at a time through ``PhiClipTrainer``.
-Each sample is 576 image positions + 448 text tokens = 1024 LM positions, the last 224 supervised.
+A random-weight PhiClip shaped like Phi-3.5-mini-instruct (3.8B, its published config) + CLIP
+ViT-L/14-336 (576 image positions), built from configs written in ``benchmarks/reference_shapes.py``
+(nothing fetched): the LM's random weights, made on the GPU, are loaded through transformers (and,
+for stage 2, its bitsandbytes quantizer with the recipe's own NF4 settings:
+``runtime.devices.quantization``). Each stage is then set up as ``configs/reference-stage1.yaml`` /
+``reference-stage2.yaml`` say -- stage 1: projector only; stage 2: NF4 QLoRA on every LM linear
+(``train.lora.attach_lora``) and the projector -- with gradient checkpointing as configured, bf16,
+and trained for a warm-up step and ``--steps`` timed steps through ``PhiClipTrainer`` at the
+configured batch, each sample ``max_length`` LM positions (576 image + text, its second half supervised).
 
-It prints the peak GPU memory at batch 1 (aim: <= 12 GB, a consumer card), then doubles the batch
-until it runs out of memory (or time), and prints tokens/s and utilisation = 4 x LM parameters x
-tokens/s / the bf16 matmul peak measured on this card (forward + input gradients of the frozen LM;
-checkpointing's recomputation is not counted as useful work). Under 5 minutes on an H100.
+Per stage it prints step time, tokens/s, peak GPU memory allocated and reserved, and the memory
+model's held and peak figures for the same shapes (``benchmarks/memory_model.py``), then
+utilisation = 4 x LM parameters x tokens/s / the bf16 matmul peak measured on this card. About
+5 minutes on an H100.
 
     python benchmarks/gpu_check.py            # a GPU machine
-    python benchmarks/gpu_check.py --tiny     # shrunk shapes, float32, no quantization: a CPU smoke run
+    python benchmarks/gpu_check.py --tiny     # shrunk shapes, float32, on this CPU (make test)
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, Phi3Config, Phi3ForCausalLM, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
+from benchmarks import memory_model, reference_shapes  # noqa: E402
 from configuration_phiclip import PhiClipConfig  # noqa: E402
 from data.dataset import Collator  # noqa: E402
 from data.template import IGNORE_INDEX  # noqa: E402
 from modeling_phiclip import PhiClipForCausalLM, vision_tower_class  # noqa: E402
-from runtime.config import LoraConfig  # noqa: E402
+from runtime.config import LoraConfig, RunConfig, load_config  # noqa: E402
 from runtime.devices import quantization  # noqa: E402
 from train.checkpointing import enable_activation_checkpointing  # noqa: E402
 from train.lora import attach_lora  # noqa: E402
@@ -45,65 +49,61 @@ from train.trainer import PhiClipTrainer  # noqa: E402
 
 
 @dataclass(frozen=True)
-class Shapes:
-    lm: Phi3Config
-    vision: CLIPVisionConfig
+class Stage:
+    name: str
+    cfg: RunConfig
+    lm: dict
+    vision: dict
     positions: int  # LM positions per sample, image included
-    quantize: bool
     dtype: torch.dtype
 
-
-def reference_shapes() -> Shapes:
-    """Phi-3.5-mini-instruct and CLIP ViT-L/14-336 (hidden states of layer -2, CLS dropped: 576 tokens)."""
-    lm = Phi3Config(
-        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=131072, original_max_position_embeddings=4096,
-        pad_token_id=32000, eos_token_id=32000, tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )
-    return Shapes(lm, vision, positions=1024, quantize=True, dtype=torch.bfloat16)
+    @property
+    def lora(self) -> LoraConfig | None:
+        return self.cfg.lora if self.cfg.train.stage == 2 and self.cfg.lora.enabled else None
 
 
-def tiny_shapes() -> Shapes:
-    lm = Phi3Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)
-    return Shapes(lm, vision, positions=64, quantize=False, dtype=torch.float32)
+def stages(tiny: bool) -> list[Stage]:
+    """Both reference configs; ``tiny``: the small shapes of ``reference_shapes`` at 64 positions, float32."""
+    parts = reference_shapes.parts("small" if tiny else "real")
+    out = []
+    for name in ("reference-stage1.yaml", "reference-stage2.yaml"):
+        cfg = load_config(ROOT / "configs" / name, ["lora.r=8", "lora.alpha=16"] if tiny else [])
+        out.append(Stage(name, cfg, parts.lm, parts.vision, 64 if tiny else cfg.data.max_length,
+                         torch.float32 if tiny else torch.bfloat16))
+    return out
 
 
-def build(shapes: Shapes, device: torch.device) -> tuple[PhiClipForCausalLM, int]:
-    """The recipe's stage-2 model with random weights, and the LM's parameter count before quantization
-    (without the input embedding: a lookup, not a matmul)."""
-    lm_config = shapes.lm
+def build(stage: Stage, device: torch.device) -> tuple[PhiClipForCausalLM, int]:
+    """The stage's model with random weights, and the LM's parameter count (without the input embedding: a
+    lookup, not a matmul)."""
+    lm_config = Phi3Config(**{k: v for k, v in stage.lm.items() if k not in ("architectures", "model_type")})
     with torch.device("meta"):
         layout = Phi3ForCausalLM(lm_config)
     n_lm = sum(p.numel() for p in layout.parameters()) - layout.get_input_embeddings().weight.numel()
-    state = {name: random_weight(tuple(p.shape), lm_config.initializer_range, shapes.dtype, device)
+    state = {name: random_weight(tuple(p.shape), lm_config.initializer_range, stage.dtype, device)
              for name, p in layout.state_dict().items()}
-    lora = LoraConfig(r=128, alpha=256, dropout=0.05, quantize="nf4" if shapes.quantize else "none")
-    quant = quantization(lora, shapes.dtype)
-    lm = Phi3ForCausalLM.from_pretrained(None, config=lm_config, state_dict=state, dtype=shapes.dtype,
+    quant = quantization(stage.lora, stage.dtype) if stage.lora else None
+    lm = Phi3ForCausalLM.from_pretrained(None, config=lm_config, state_dict=state, dtype=stage.dtype,
                                          quantization_config=quant, device_map={"": str(device)},
                                          attn_implementation="sdpa")
     del state
     config = PhiClipConfig(
         text_model="random", vision_model="random",
         text_config={k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"},
-        vision_config=shapes.vision.to_dict(), image_token_id=lm_config.vocab_size - 1,
+        vision_config=CLIPVisionConfig(**stage.vision).to_dict(), image_token_id=lm_config.vocab_size - 1,
+        vision_feature_layer=stage.cfg.model.vision_feature_layer,
+        vision_feature_select_strategy=stage.cfg.model.vision_feature_select_strategy,
     )
     with torch.device(device):
-        tower = vision_tower_class(config)(config.vision_config).to(shapes.dtype)
+        tower = vision_tower_class(config)(config.vision_config).to(stage.dtype)
     model = PhiClipForCausalLM(config, language_model=lm, vision_tower=tower)
-    model.projector.to(device=device, dtype=shapes.dtype)
+    model.projector.to(device=device, dtype=stage.dtype)
     model.requires_grad_(False)
-    # stage 2 as train.run.prepare_model sets it up
-    attach_lora(model, lora)
+    if stage.lora:  # as train.run.prepare_model sets a stage up
+        attach_lora(model, stage.lora)
     model.projector.requires_grad_(True)
-    enable_activation_checkpointing(model)
+    if stage.cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return model, n_lm
 
 
@@ -129,6 +129,7 @@ class Samples(torch.utils.data.Dataset):
         self.input_ids = torch.cat([torch.full((n, 1), config.image_token_id), text], dim=1)
         self.labels = self.input_ids.clone()
         self.labels[:, : 1 + n_text // 2] = IGNORE_INDEX
+        self.supervised = int((self.labels[0] != IGNORE_INDEX).sum())
         size = config.vision_config.image_size
         self.pixels = torch.randn(3, size, size, generator=gen)
 
@@ -159,7 +160,11 @@ class StepTimer(TrainerCallback):
 
 @dataclass
 class Row:
+    stage: str
     batch: int
+    positions: int
+    n_lm: int
+    predicted: memory_model.Memory
     step_s: float = float("nan")
     tokens_s: float = float("nan")
     allocated_gb: float = float("nan")
@@ -172,40 +177,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def empty_cache(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def run_batch(model: PhiClipForCausalLM, shapes: Shapes, batch: int, steps: int, device: torch.device,
-              out: Path) -> Row:
-    """``1 + steps`` training steps at ``batch`` (the first one warms up); OOM is a result, not an error."""
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=batch, max_steps=1 + steps, learning_rate=2e-4,
-        bf16=shapes.dtype == torch.bfloat16, use_cpu=device.type == "cpu", save_strategy="no",
-        logging_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
-    )
-    timer = StepTimer(device)
-    data = Samples(model, shapes.positions, batch * (1 + steps))
-    trainer = PhiClipTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(0),
-                             callbacks=[timer], projector_lr=2e-5)
+def run_stage(stage: Stage, steps: int, device: torch.device, out: Path) -> Row:
+    """Build the stage's model and train ``1 + steps`` steps at its configured batch (the first warms up);
+    running out of memory is a result, not an error."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = Row(batch)
+    model, n_lm = build(stage, device)
+    batch = stage.cfg.train.batch_size
+    data = Samples(model, stage.positions, batch * (1 + steps))
+    recipe = memory_model.Recipe.from_configs(
+        stage.lm, stage.vision, model.image_token_count(), batch=batch, max_length=stage.positions,
+        supervised=data.supervised, lora_rank=stage.lora.r if stage.lora else 0,
+        quantized=bool(stage.lora and stage.lora.quantize == "nf4"),
+        checkpointing=stage.cfg.train.gradient_checkpointing, dtype_bytes=torch.finfo(stage.dtype).bits // 8)
+    row = Row(stage.name, batch, stage.positions, n_lm, memory_model.predict(recipe))
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=batch, max_steps=1 + steps,
+        learning_rate=stage.cfg.train.learning_rate, bf16=stage.dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu", save_strategy="no", logging_strategy="no", report_to="none",
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+    timer = StepTimer(device)
+    trainer = PhiClipTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(0), callbacks=[timer],
+                             projector_lr=stage.cfg.train.projector_learning_rate,
+                             loss_only_compute=stage.cfg.train.loss_only_compute)
     try:
         trainer.train()
     except torch.OutOfMemoryError:
         row.oom = True
     finally:
         trainer.optimizer = None
-        del trainer
-        model.zero_grad(set_to_none=True)
-        empty_cache(device)
+        del trainer, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if row.oom:
         return row
     row.step_s = statistics.median(timer.times[1:])
-    row.tokens_s = batch * shapes.positions / row.step_s
+    row.tokens_s = batch * stage.positions / row.step_s
     if device.type == "cuda":
         row.allocated_gb = torch.cuda.max_memory_allocated(device) / 2**30
         row.reserved_gb = torch.cuda.max_memory_reserved(device) / 2**30
@@ -230,60 +239,36 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="shrunk shapes, float32, no quantization (CPU smoke run)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per batch size, after one warm-up step")
-    parser.add_argument("--max-batch", type=int, default=None, help="stop the search here (default 64; 2 with --tiny)")
-    parser.add_argument("--budget", type=float, default=240, help="seconds after which no larger batch is tried")
+    parser.add_argument("--tiny", action="store_true", help="shrunk shapes, float32 (CPU smoke run)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per stage, after one warm-up step")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    shapes = tiny_shapes() if args.tiny else reference_shapes()
     device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --tiny for the CPU smoke run")
-    max_batch = args.max_batch or (2 if args.tiny else 64)
-
-    peak = matmul_peak(device, shapes.dtype, n=512 if args.tiny else 8192)
-    model, n_lm = build(shapes, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    todo = stages(args.tiny)
+    peak = matmul_peak(device, todo[0].dtype, n=512 if args.tiny else 8192)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; {str(shapes.dtype).removeprefix('torch.')} matmul peak {peak / 1e12:.1f} TFLOP/s "
-          f"(measured); model built in {time.perf_counter() - started:.0f} s")
-    print(f"LM {n_lm / 1e9:.2f}B parameters ({'NF4' if shapes.quantize else 'unquantized'}), "
-          f"tower {sum(p.numel() for p in model.vision_tower.parameters()) / 1e9:.2f}B, "
-          f"trainable {trainable / 1e6:.1f}M (LoRA r=128 + projector); "
-          f"{model.image_token_count()} image tokens, {shapes.positions} positions per sample")
-
-    rows: list[Row] = []
+    print(f"device: {name}; {str(todo[0].dtype).removeprefix('torch.')} matmul peak {peak / 1e12:.1f} TFLOP/s "
+          f"(measured)")
+    rows = []
     with tempfile.TemporaryDirectory() as out:
-        batch = 1
-        while batch <= max_batch:
-            rows.append(run_batch(model, shapes, batch, args.steps, device, Path(out)))
-            elapsed = time.perf_counter() - started
-            last = rows[-1]
-            if last.oom or elapsed + 2.5 * (1 + args.steps) * last.step_s > args.budget:
-                break
-            batch *= 2
+        for stage in todo:
+            rows.append(run_stage(stage, args.steps, device, Path(out)))
+            print(f"{stage.name}: done after {time.perf_counter() - started:.0f} s", flush=True)
 
-    print(f"\n{'batch':>5}  {'step s':>7}  {'tokens/s':>9}  {'peak alloc GB':>13}  {'peak reserved GB':>16}  {'util':>5}")
+    print(f"\n{'config':<22} {'batch':>5} {'positions':>9} {'step s':>7} {'tokens/s':>9} {'util':>6} "
+          f"{'peak alloc GB':>13} {'reserved GB':>11} {'model peak GB':>13} {'model held GB':>13}")
     for row in rows:
+        model = f"{row.predicted.peak / 2**30:>13.2f} {row.predicted.held / 2**30:>13.2f}"
         if row.oom:
-            print(f"{row.batch:>5}  {'out of memory':>7}")
+            print(f"{row.stage:<22} {row.batch:>5} {row.positions:>9} {'out of memory':>47} {model}")
             continue
-        util = 4 * n_lm * row.tokens_s / peak
+        util = 4 * row.n_lm * row.tokens_s / peak
         memory = [f"{gb:.2f}" if device.type == "cuda" else "n/a" for gb in (row.allocated_gb, row.reserved_gb)]
-        print(f"{row.batch:>5}  {row.step_s:>7.3f}  {row.tokens_s:>9.0f}  {memory[0]:>13}  {memory[1]:>16}  {util:>5.1%}")
-    fits = [row for row in rows if not row.oom]
-    if not fits:
-        print("\nbatch 1 does not fit")
-        return rows
-    first, best = fits[0], max(fits, key=lambda row: row.tokens_s)
-    if device.type == "cuda":
-        verdict = "fits" if first.reserved_gb <= 12 else "does NOT fit"
-        print(f"\nbatch 1: peak {first.allocated_gb:.2f} GB allocated, {first.reserved_gb:.2f} GB reserved "
-              f"(+ CUDA context): {verdict} a 12 GB card")
-    print(f"largest batch run: {fits[-1].batch}{' (next one out of memory)' if rows[-1].oom else ''}; "
-          f"best {best.tokens_s:.0f} tokens/s at batch {best.batch}, "
-          f"utilisation {4 * n_lm * best.tokens_s / peak:.1%} of the measured matmul peak; "
+        print(f"{row.stage:<22} {row.batch:>5} {row.positions:>9} {row.step_s:>7.3f} {row.tokens_s:>9.0f} "
+              f"{util:>6.1%} {memory[0]:>13} {memory[1]:>11} {model}")
+    print(f"\nmemory model: {'; '.join(f'{r.stage} predicts {r.predicted.peak / 2**30:.2f} GB peak' for r in rows)}; "
           f"total {time.perf_counter() - started:.0f} s")
     return rows
 

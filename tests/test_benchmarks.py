@@ -63,10 +63,29 @@ def test_train_throughput_small():
 
 
 def test_gpu_check_tiny(capsys):
-    """benchmarks/gpu_check.py is run by hand on a GPU machine; ``--tiny`` takes the same path on this CPU."""
+    """benchmarks/gpu_check.py is run by hand on a GPU machine; ``--tiny`` takes the same path on this CPU:
+    both reference stages at their configured batch, each beside the memory model's figures."""
     main = runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"), run_name="gpu_check")["main"]
     rows = main(["--tiny", "--steps", "1"])
-    assert [row.batch for row in rows] == [1, 2]
-    assert all(row.tokens_s > 0 and not row.oom for row in rows)
-    out = capsys.readouterr().out
-    assert "16 image tokens, 64 positions per sample" in out and "largest batch run: 2" in out
+    assert [(row.stage, row.batch) for row in rows] == [("reference-stage1.yaml", 8), ("reference-stage2.yaml", 4)]
+    assert all(row.tokens_s > 0 and not row.oom and row.predicted.peak > row.predicted.held > 0 for row in rows)
+    # stage 2 holds LoRA weights, gradients and AdamW states; stage 1 has no LoRA
+    assert "LoRA + grads + AdamW (fp32)" in rows[1].predicted.parts
+    assert "LoRA + grads + AdamW (fp32)" not in rows[0].predicted.parts
+    assert last_line(capsys.readouterr().out).startswith("memory model: reference-stage1.yaml predicts")
+
+
+def test_real_shape_small(tmp_path):
+    """benchmarks/real_shape.py's stages at toy sizes (the GGUF stage runs in make test-gguf): the run trains,
+    loads through the Hub files, exports; the memory model matches the bytes the run holds."""
+    out = bench("real_shape.py", "--small", "--work", str(tmp_path), "--stages", "build,train,hub,llava,vllm_lora")
+    assert last_line(out) == "real shape (small): 5/5 stages done"
+    assert "vllm-lora export: 16/16 adapter tensors under names vLLM's Phi-3 maps; unmapped 0, wrong shape 0" in out
+    real_shape = runpy.run_path(str(ROOT / "benchmarks" / "real_shape.py"), run_name="real_shape")
+    rows = {name: (predicted, measured) for name, predicted, measured in real_shape["memory_rows"](tmp_path, "small")}
+    for name in ("LM embeddings, head, norms", "vision tower", "LoRA + projector: weights, grads, AdamW",
+                 "one layer recomputed (no checkpointing)"):
+        predicted, measured = rows[name]
+        assert measured == pytest.approx(predicted, rel=0.02), name
+    predicted, measured = rows["saved activations, checkpointed forward"]
+    assert measured == pytest.approx(predicted, rel=0.15)

@@ -461,3 +461,21 @@ def test_gguf_benchmark_small_runs_and_prints_its_ratio():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert re.search(r"^llama\.cpp q4_k_m\s", out.stdout, re.M)
     assert re.fullmatch(r"llama\.cpp q8_0 decode vs PhiClip: [0-9.]+x", out.stdout.strip().splitlines()[-1])
+
+
+def test_phi3_with_its_sentencepiece_tokenizer_converts_and_quantizes(tmp_path):
+    """benchmarks/real_shape.py's GGUF stage at toy sizes: a Phi-3 LM whose tokenizer is a SentencePiece model
+    (as Phi-3.5-mini's is). transformers 5 saves only tokenizer.json, and llama.cpp's Phi-3 converter reads
+    tokenizer.model: the saved PhiClip folder and the converter's input keep it. The CLIP ``default`` tower is
+    refused before anything is written, and exported approximately when allowed."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "real_shape.py"), "--small", "--work",
+                          str(tmp_path), "--stages", "build,train,gguf"],
+                         capture_output=True, text=True, cwd=root, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert (tmp_path / "run" / "model" / "tokenizer.model").is_file()
+    result = json.loads((tmp_path / "results" / "gguf.json").read_text())
+    assert "vision_feature_select_strategy 'default'" in result["refusal"] and result["nothing_written_on_refusal"]
+    assert {"real-shape-f16.gguf", "real-shape-Q4_K_M.gguf", "mmproj-real-shape-f16.gguf"} <= set(result["files"])
+    assert min(result["vision_cosine_min"].values()) > 0.9
+    assert out.stdout.strip().splitlines()[-1] == "real shape (small): 3/3 stages done"

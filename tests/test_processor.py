@@ -61,3 +61,50 @@ def test_marker_and_image_counts_must_agree(processor):
 def test_post_process_decodes_rows(processor):
     ids = processor(text=["hello there"], return_tensors="pt")["input_ids"]
     assert processor.post_process_image_text_to_text(ids) == [processor.decode(ids[0], skip_special_tokens=True)]
+
+
+# Phi-3's tokenizer.json (legacy Llama-2 pipeline): a word boundary before every text piece, specials included.
+_PHI3_LEGACY = {"normalizer": {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+    "pre_tokenizer": None}
+
+
+@pytest.fixture(scope="module", params=["metaspace-first", "phi3-legacy"])
+def sentencepiece_processor(request, tmp_path_factory, tiny_clip_dir):
+    """A SentencePiece BPE tokenizer with Phi-3.5's added tokens and template, as transformers 5 converts one
+    (Metaspace, ``prepend_scheme: first``: Mistral v0.3's pipeline) or with Phi-3's published legacy pipeline."""
+    import json
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from benchmarks.reference_shapes import parts, write_tokenizer
+
+    folder = write_tokenizer(parts("small"), tmp_path_factory.mktemp("spm"))
+    if request.param == "phi3-legacy":  # transformers 5's LlamaTokenizer builds its own pipeline: load the file's
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec.update(_PHI3_LEGACY)
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert ("Prepend" in str(tokenizer.backend_tokenizer.normalizer)) == (request.param == "phi3-legacy")
+    return PhiClipProcessor.from_parts(AutoImageProcessor.from_pretrained(tiny_clip_dir), tokenizer)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "<image>\nWhat colour is it?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+     {"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "<image>\nAnd this one?"}],
+])
+def test_sentencepiece_prompts_are_what_the_tokenizer_gives_the_whole_string(sentencepiece_processor, messages):
+    """Exports, vLLM and llama.cpp tokenize the rendered prompt as one string: PhiClip's ids must be those
+    (a Metaspace tokenizer marks only its input's start; tokenizing each piece alone added a "▁" after every
+    special token and image)."""
+    processor = sentencepiece_processor
+    rendered = processor.render(messages, add_generation_prompt=True)
+    whole = processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(processor, messages) == whole
+    n_images = rendered.count(processor.image_token)
+    called = processor(images=[_image()] * n_images, text=rendered)["input_ids"][0]
+    assert list(called) == whole
