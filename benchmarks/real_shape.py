@@ -54,8 +54,6 @@ from benchmarks import memory_model, reference_shapes  # noqa: E402
 STAGES = ("build", "train", "hub", "llava", "vllm_lora", "gguf")
 REFERENCE = ROOT / "configs" / "reference-stage2.yaml"
 QUESTION = "Describe this picture in detail."
-# Phi-3.5-mini is published in bfloat16; ``--dtype auto`` would write float32 after a float32 (CPU) run.
-EXPORT_DTYPE = "bfloat16"
 # vLLM's Phi-3 (vllm/model_executor/models/phi3.py, packed_modules_mapping): the LoRA modules it maps.
 VLLM_PHI3_LORA = {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
 
@@ -268,11 +266,12 @@ def stage_hub(work: Path, shape: str) -> dict:
 
 
 def stage_llava(work: Path, shape: str) -> dict:
-    """The export as published (bfloat16) and, to tell its rounding from the merge, in float32."""
+    """The export in the LM's own dtype (``auto``: bf16, as Phi-3.5-mini is published) and, to tell that
+    rounding from the merge, in float32."""
     from export.checkpoint import export_run
 
     start = time.perf_counter()
-    out = export_run(work / "run", work / "llava", dtype=EXPORT_DTYPE, overwrite=True)
+    out = export_run(work / "run", work / "llava", overwrite=True)
     exported = time.perf_counter() - start
     result = {"export_seconds": exported, **_llava_logits(work, out)}
     full = export_run(work / "run", work / "llava-float32", dtype="float32", overwrite=True)
@@ -316,7 +315,7 @@ def stage_vllm_lora(work: Path, shape: str) -> dict:
     from export.vllm_lora import export_vllm_lora
 
     start = time.perf_counter()
-    out = export_vllm_lora(work / "run", work / "vllm-lora", dtype=EXPORT_DTYPE, overwrite=True)
+    out = export_vllm_lora(work / "run", work / "vllm-lora", overwrite=True)
     seconds = time.perf_counter() - start
     lm = json.loads((work / "lm" / "config.json").read_text())
     h, i, layers = lm["hidden_size"], lm["intermediate_size"], lm["num_hidden_layers"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
+from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
 from chat.assistant import load_parts, locate
 from configuration_phiclip import PhiClipConfig
@@ -56,15 +56,28 @@ def check_exportable(config) -> None:
 
 
 def _target_dtype(name: str, model: PhiClipForCausalLM) -> torch.dtype:
-    """``auto``: the dtype the LM's own checkpoint is stored in (float32 when it does not say)."""
+    """``auto``: the dtype the LM's own checkpoint is stored in, read from its ``config.json``
+    (``config.text_model``); where that cannot be read, the dtype PhiClip's config records for the LM
+    (the one it was trained in: float32 after a CPU run); float32 when neither says."""
     if name != "auto":
         if name not in _DTYPES:
             raise ExportError(f"dtype '{name}' is not one of auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
-    stored = getattr(model.config.text_config, "dtype", None) or getattr(model.config.text_config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = _DTYPES.get(stored.removeprefix("torch."))
-    return stored if stored in _DTYPES.values() else torch.float32
+    for config in (_checkpoint_config(model.config), model.config.text_config):
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = _DTYPES.get(stored.removeprefix("torch."))
+        if stored in _DTYPES.values():
+            return stored
+    return torch.float32
+
+
+def _checkpoint_config(config):
+    """The LM's own config (by name or path, at the recorded revision), or None where it cannot be read."""
+    try:
+        return AutoConfig.from_pretrained(config.text_model, revision=getattr(config, "text_revision", None))
+    except (OSError, ValueError):
+        return None
 
 
 def _negative_layers(layer: int | list[int], n_layers: int) -> int | list[int]:

@@ -253,6 +253,23 @@ def test_export_casts_to_the_requested_dtype(tiny_run, tmp_path):
     assert dtypes == {"BF16"}
 
 
+def test_auto_dtype_is_the_lm_checkpoints_not_the_training_dtype(tiny_llama_dir, tiny_clip_dir, tmp_path):
+    """A bf16 LM (Phi-3.5-mini is published so) trained on a CPU in float32: ``--dtype auto`` writes bf16, as the
+    LM's own checkpoint is stored, not the float32 PhiClip's config records (twice the size at 3.8B)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from export.checkpoint import export_run
+    from train.run import train
+
+    lm = tmp_path / "lm-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(lm)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(lm)
+    run = train(tiny_config(lm, tiny_clip_dir, make_toy_data(tmp_path), tmp_path / "run", max_steps=1))
+    assert json.loads((run / "model" / "config.json").read_text())["text_config"]["dtype"] == "float32"
+    out = export_run(run, tmp_path / "out")
+    assert json.loads((out / "phiclip_export.json").read_text())["dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_checkpoint_names_round_trip(tmp_path, tower):
     """CLIP and SigLIP towers, tied and untied heads, sharded files: transformers reloads every weight."""
