@@ -1,5 +1,5 @@
-"""LM families through training and chat: tiny random-init Qwen3 and Gemma-2 LMs wearing their family's real chat
-template (tests/templates), trained with PhiClip's defaults. The attention implementation is the LM's own choice
+"""LM families through training and chat: tiny random-init Qwen3, Gemma-2 and Mistral LMs wearing their family's
+real chat template (tests/templates), trained with PhiClip's defaults. The attention implementation is the LM's own choice
 (``model.attn_implementation: auto``): Gemma-2 has no SDPA path and trains on eager attention without a setting."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from chat.assistant import VisionChat
 from data.template import IGNORE_INDEX, encode_conversation
 from train.run import train
 
-FAMILIES = {"qwen3": "sdpa", "gemma2": "eager"}
+FAMILIES = {"qwen3": "sdpa", "gemma2": "eager", "mistral-nemo": "sdpa"}  # template -> attention chosen
+LM_KIND = {"qwen3": "qwen3", "gemma2": "gemma2", "mistral-nemo": "mistral"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_run(request, tmp_path_factory, smol_tokenizer_dir, tiny_clip_dir):
     root = tmp_path_factory.mktemp(request.param)
-    lm = save_tiny_lm(root / "lm", tokenizer_with_template(smol_tokenizer_dir, request.param), request.param)
+    lm = save_tiny_lm(root / "lm", tokenizer_with_template(smol_tokenizer_dir, request.param), LM_KIND[request.param])
     run = train(tiny_config(lm, tiny_clip_dir, make_toy_data(root), root / "run", max_steps=2))
     return request.param, run
 
@@ -61,5 +62,5 @@ def test_supervised_tokens_are_the_answers(family_run):
              Turn("assistant", "Grey.")]
     enc = encode_conversation(chat.processor, turns, n_image_tokens=chat.n_image_tokens, max_length=512)
     supervised = chat.tokenizer.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX])
-    end = {"qwen3": "<|im_end|>", "gemma2": "<end_of_turn>"}[kind]
+    end = {"qwen3": "<|im_end|>", "gemma2": "<end_of_turn>", "mistral-nemo": "</s>"}[kind]
     assert supervised == f"A cat.{end}Grey.{end}"

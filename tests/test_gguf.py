@@ -416,6 +416,7 @@ FAMILY_TURNS = {  # family -> None (its turns are read) or the reason the export
     "chatml": None, "phi3": None, "phi3.5": None, "llama3": None, "llama3.1": "writes an empty system block",
     "qwen2.5": None,
     "qwen3": None, "smollm3": None, "gemma2": "the chat template refuses this conversation",
+    "mistral-nemo": "drops or rewrites message content",  # its system prompt only ever in a last user turn
 }
 
 

@@ -1,8 +1,8 @@
 """Label masks come from the template's structure, for each family's real chat template; text is text.
 
 The families (tests/templates/*.json, copied from llama.cpp's models/templates): ChatML (SmolLM2), Phi-3, Phi-3.5,
-Llama-3, Llama-3.1, Qwen2.5, Qwen3 and SmolLM3 (thinking templates) and Gemma-2 (no system role), each worn by the
-SmolLM2 tokenizer with its family's special tokens."""
+Llama-3, Llama-3.1, Qwen2.5, Qwen3 and SmolLM3 (thinking templates), Gemma-2 (no system role) and Mistral NeMo (the
+system prompt in the last user turn), each worn by the SmolLM2 tokenizer with its family's special tokens."""
 
 import json
 
@@ -15,7 +15,7 @@ from processing_phiclip import PhiClipProcessor
 
 END_OF_TURN = {"chatml": "<|im_end|>", "phi3": "<|end|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>",
                "qwen2.5": "<|im_end|>", "smollm3": "<|im_end|>", "phi3.5": "<|end|>", "llama3.1": "<|eot_id|>",
-               "gemma2": "<end_of_turn>"}
+               "gemma2": "<end_of_turn>", "mistral-nemo": "</s>"}
 THINKING = {"qwen3": "<think>\n\n</think>\n\n", "smollm3": "<think>\n\n</think>\n"}  # ends a non-thinking prompt
 TURNS = [
     Turn("user", "<image>\nWhat is in the picture?"),
@@ -85,8 +85,8 @@ def test_bos_appears_once(proc, tok):
     # Llama-3 opens with <|begin_of_text|> once, Gemma-2 with <bos>; SmolLM2's BOS is ChatML's <|im_start|>, which
     # opens every turn (the four of TURNS, and a default system turn where the template writes one); the Phi-3
     # templates write no BOS.
-    expected = {"llama3": 1, "llama3.1": 1, "gemma2": 1, "chatml": 5, "qwen2.5": 5, "smollm3": 5, "qwen3": 4,
-                "phi3": 0, "phi3.5": 0}[tok.kind]
+    expected = {"llama3": 1, "llama3.1": 1, "gemma2": 1, "mistral-nemo": 1, "chatml": 5, "qwen2.5": 5, "smollm3": 5,
+                "qwen3": 4, "phi3": 0, "phi3.5": 0}[tok.kind]
     assert in_template == expected
     if expected:
         assert enc.input_ids[0] == bos
@@ -113,6 +113,10 @@ def test_record_that_cannot_fit_is_refused(proc):
 def test_system_prompt_is_not_supervised(proc, tok):
     if proc.kind == "gemma2":  # its template raises on a system role: the record is refused with the template's reason
         with pytest.raises(TemplateError, match="System role not supported"):
+            encode_conversation(proc, TURNS[:2], n_image_tokens=1, max_length=512, system_prompt="Be brief.")
+        return
+    if proc.kind == "mistral-nemo":  # writes the system prompt into a last user turn only: never in a training record
+        with pytest.raises(TemplateError, match=r"does not write messages\[0\] \(system\) once"):
             encode_conversation(proc, TURNS[:2], n_image_tokens=1, max_length=512, system_prompt="Be brief.")
         return
     enc = encode_conversation(
@@ -196,6 +200,15 @@ def test_a_template_that_cannot_train_fails_up_front(smol_tokenizer_dir, tiny_cl
         check_chat_template(gemma, "Be brief.")
     plain = PhiClipProcessor.from_parts(images, tokenizer_with_template(smol_tokenizer_dir, "gemma2"))
     check_chat_template(plain, None)
+    # Mistral NeMo writes the system prompt into the conversation's last message only when it is a user turn: a
+    # training record, which ends with an answer, would lose it (the prompt at inference has it).
+    def mistral(system_prompt: str | None) -> PhiClipProcessor:
+        tokenizer = tokenizer_with_template(smol_tokenizer_dir, "mistral-nemo")
+        return PhiClipProcessor.from_parts(images, tokenizer, system_prompt)
+
+    with pytest.raises(ValueError, match=r"data\.system_prompt.*messages\[0\] \(system\)"):
+        check_chat_template(mistral("Be brief."), "Be brief.")
+    check_chat_template(mistral(None), None)
 
 
 def test_data_check_says_up_front_what_the_template_cannot_render(smol_tokenizer_dir, tmp_path, capsys):

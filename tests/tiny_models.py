@@ -16,13 +16,16 @@ from PIL import Image
 
 
 def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: float = 0.02) -> Path:
-    """A 2-layer random-init Llama (tied embeddings), Phi-3, Qwen3 or Gemma-2 sized for ``tokenizer``, saved with it."""
+    """A 2-layer random-init Llama (tied embeddings), Phi-3, Qwen3, Mistral or Gemma-2 sized for ``tokenizer``, saved
+    with it."""
     import torch
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
         Qwen3Config,
@@ -47,6 +50,8 @@ def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: f
         model = Phi3ForCausalLM(Phi3Config(**common))
     elif kind == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+    elif kind == "mistral":  # sliding-window attention, untied head
+        model = MistralForCausalLM(MistralConfig(**common, head_dim=16, sliding_window=256))
     elif kind == "gemma2":  # logit soft-capping, sliding windows, eager attention only
         model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16))
     else:
