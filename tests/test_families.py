@@ -1,6 +1,7 @@
 """LM families through training and chat: tiny random-init Qwen3, Gemma-2 and Mistral LMs wearing their family's
-real chat template (tests/templates), trained with PhiClip's defaults. The attention implementation is the LM's own choice
-(``model.attn_implementation: auto``): Gemma-2 has no SDPA path and trains on eager attention without a setting."""
+real chat template (tests/templates), trained with PhiClip's defaults. The attention implementation is the LM's own
+choice (``model.attn_implementation: auto``): Gemma-2 has no SDPA path and trains on eager attention without a
+setting."""
 
 from __future__ import annotations
 
