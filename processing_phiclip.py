@@ -277,6 +277,16 @@ def wrap_chat_template(lm_template: str, system_prompt: str | None = None, image
     return _PREAMBLE.replace("__IMAGE__", image_token).replace("__SYSTEM__", system) + lm_template
 
 
+def keep_sentencepiece_model(tokenizer: Any, folder: str | Path) -> None:
+    """Copy a SentencePiece LM's ``tokenizer.model`` (Phi-3's, Llama-2's) into ``folder`` when the tokenizer was
+    loaded with one and ``folder`` has none: transformers 5 saves only ``tokenizer.json``, and llama.cpp's
+    converters read the SentencePiece file."""
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    target = Path(folder) / "tokenizer.model"
+    if vocab_file and Path(vocab_file).name == target.name and Path(vocab_file).is_file() and not target.exists():
+        target.write_bytes(Path(vocab_file).read_bytes())
+
+
 class TemplateError(ValueError):
     """A conversation the chat template cannot turn into a sequence; the message says why."""
 
@@ -526,26 +536,28 @@ class PhiClipProcessor(ProcessorMixin):
         Mistral v0.3's) does not mark text that follows a special token or other text."""
         if not text:
             return []
-        continuation = None if at_start else self._continuation_tokenizer()
+        continuation = None if at_start else self._continuation_tokenizer(split_special_tokens)
         if continuation is None:
             return self.tokenizer(text, add_special_tokens=False,
                                   split_special_tokens=split_special_tokens)["input_ids"]
-        continuation.encode_special_tokens = split_special_tokens
         return continuation.encode(text, add_special_tokens=False).ids
 
-    def _continuation_tokenizer(self):
+    def _continuation_tokenizer(self, split_special_tokens: bool):
         """The tokenizer's pipeline (``tokenizers.Tokenizer``) with Metaspace's ``prepend_scheme: first`` as
-        ``never``, or None when it has no such step (its pieces tokenize alike wherever they stand)."""
-        if not hasattr(self, "_continuation"):
+        ``never``, special tokens split or not; None when it has no such step (its pieces tokenize alike wherever
+        they stand). Built once per setting, never changed after (callers may share the processor across threads)."""
+        cache = self.__dict__.setdefault("_continuation", {})
+        if split_special_tokens not in cache:
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
             spec = json.loads(backend.to_str()) if backend is not None else {}
-            found = []
+            found = False
 
             def never(node: Any) -> None:
+                nonlocal found
                 if isinstance(node, dict):
                     if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
                         node["prepend_scheme"] = "never"
-                        found.append(node)
+                        found = True
                     for value in node.values():
                         never(value)
                 elif isinstance(node, list):
@@ -553,8 +565,11 @@ class PhiClipProcessor(ProcessorMixin):
                         never(value)
 
             never(spec)
-            self._continuation = type(backend).from_str(json.dumps(spec)) if found else None
-        return self._continuation
+            continuation = type(backend).from_str(json.dumps(spec)) if found else None
+            if continuation is not None:
+                continuation.encode_special_tokens = split_special_tokens
+            cache[split_special_tokens] = continuation
+        return cache[split_special_tokens]
 
     def _special_tokens(self) -> dict[str, int]:
         """The tokenizer's special added tokens (string -> id), except the image token."""
@@ -680,10 +695,7 @@ class PhiClipProcessor(ProcessorMixin):
         SentencePiece LM's ``tokenizer.model`` (Phi-3's, Llama-2's), which 5.x no longer writes but
         llama.cpp's converters read."""
         saved = super().save_pretrained(save_directory, *args, **kwargs)
-        vocab_file = getattr(self.tokenizer, "vocab_file", None)
-        target = Path(save_directory) / "tokenizer.model"
-        if vocab_file and Path(vocab_file).name == target.name and Path(vocab_file).is_file() and not target.exists():
-            target.write_bytes(Path(vocab_file).read_bytes())
+        keep_sentencepiece_model(self.tokenizer, save_directory)
         path = Path(save_directory) / "tokenizer_config.json"
         if path.is_file():
             config = json.loads(path.read_text(encoding="utf-8"))

@@ -64,7 +64,7 @@ def memory_rows(work: Path, shape: str) -> list[tuple[str, float, float | None]]
         supervised=max(build["supervised"]), lora_rank=cfg.lora.r, quantized=True, checkpointing=True, dtype_bytes=4)
     predicted = memory_model.predict(recipe)
     m = train["measured"]
-    lora = m.get("LoRA", 0) + m["gradients"] - 0 + m["AdamW states"]
+    lora = m.get("LoRA", 0) + m["gradients"] + m["AdamW states"]
     projector_measured = m.get("projector", 0)
     saved_predicted = sum(v for k, v in predicted.parts.items() if k.startswith("activations"))
     rows = [

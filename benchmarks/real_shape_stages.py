@@ -53,7 +53,8 @@ def stage_build(work: Path, shape: str) -> dict:
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from data.records import Turn
-    from data.template import encode_conversation
+    from data.template import IGNORE_INDEX, encode_conversation
+    from modeling_phiclip import PhiClipForCausalLM
     from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
 
     parts = reference_shapes.parts(shape)
@@ -68,26 +69,29 @@ def stage_build(work: Path, shape: str) -> dict:
     n_image = (parts.vision["image_size"] // parts.vision["patch_size"]) ** 2  # strategy default: no class token
     words = " ".join(pydoc_data.topics.topics.values()).split()
 
-    def encoded(n_words: int, start: int):
-        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTION}"), Turn("assistant", " ".join(words[start:start + n_words]))]
-        return encode_conversation(processor, turns, n_image_tokens=n_image, max_length=10**9)
+    def encoded(answer: str) -> tuple[int, int]:
+        """LM positions (the image as its features) and supervised tokens of the record with ``answer``."""
+        turns = [Turn("user", f"{IMAGE_TOKEN}\n{QUESTION}"), Turn("assistant", answer)]
+        enc = encode_conversation(processor, turns, n_image_tokens=n_image, max_length=10**9)
+        positions = PhiClipForCausalLM.spliced_length(len(enc.input_ids), 1, n_image)
+        return positions, sum(label != IGNORE_INDEX for label in enc.labels)
 
-    records, supervised = [], []
+    records, positions, supervised = [], [], []
     for k in range(2):
         start = 50_000 * k
         lo, hi = 1, cfg.data.max_length
         while lo < hi:  # the most words whose conversation still fits max_length (8 positions to spare)
             mid = (lo + hi + 1) // 2
-            fits = len(encoded(mid, start).input_ids) - 1 + n_image <= cfg.data.max_length - 8
+            fits = encoded(" ".join(words[start:start + mid]))[0] <= cfg.data.max_length - 8
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
-        enc = encoded(lo, start)
-        supervised.append(sum(label != -100 for label in enc.labels))
+        answer = " ".join(words[start:start + lo])
+        n_positions, n_supervised = encoded(answer)
+        positions.append(n_positions)
+        supervised.append(n_supervised)
         records.append({"id": f"long-{k}", "image": "photo.jpg", "conversations": [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{QUESTION}"},
-            {"from": "gpt", "value": " ".join(words[start:start + lo])}],
-            "positions": len(enc.input_ids) - 1 + n_image})
-    (work / "train.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "positions"} for r in records]))
-    return {"positions": [r["positions"] for r in records], "supervised": supervised, "image_tokens": n_image,
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{QUESTION}"}, {"from": "gpt", "value": answer}]})
+    (work / "train.json").write_text(json.dumps(records))
+    return {"positions": positions, "supervised": supervised, "image_tokens": n_image,
             "files": {name: sum(sizes(work / name).values()) for name in ("lm", "vision")}}
 
 
@@ -148,8 +152,7 @@ class Probe(TrainerCallback):
 
 
 def _lm(model):
-    return model.language_model.get_base_model() if hasattr(model.language_model, "get_base_model") else \
-        model.language_model
+    return model.language_model.get_base_model() if model.has_adapter else model.language_model
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

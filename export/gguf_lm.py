@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from export.llamacpp import LlamaCpp
+from processing_phiclip import keep_sentencepiece_model
 
 MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(); llama-server uses <__media_RANDOM__>
 QUANT_TYPES = ("q8_0", "q4_k_m", "q4_0", "q5_k_m", "q6_k")  # through llama_model_quantize
@@ -90,11 +90,7 @@ def write_lm_folder(lm: torch.nn.Module, tokenizer, chat_template: str, out: Pat
     lm.to(dtype).save_pretrained(out)
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
-    # transformers 5 saves tokenizer.json only; llama.cpp's converters read a SentencePiece LM's
-    # (Phi-3, Llama-2, Mistral v0.1) vocabulary from tokenizer.model: carry the model's own file over
-    vocab_file = getattr(tokenizer, "vocab_file", None)
-    if vocab_file and Path(vocab_file).name == "tokenizer.model" and Path(vocab_file).is_file():
-        shutil.copyfile(vocab_file, out / "tokenizer.model")
+    keep_sentencepiece_model(tokenizer, out)  # the converters read a SentencePiece LM's vocabulary from it
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["chat_template"] = chat_template
