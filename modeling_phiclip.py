@@ -139,8 +139,17 @@ class PhiClipProjector(nn.Module):
                 linear.bias.zero_()
 
 
+SIGLIP2_NAFLEX = (
+    "vision tower of model type 'siglip2_vision_model' (SigLIP2 NaFlex) gives each image its own number of patches, "
+    "and PhiClip feeds the LM a fixed number of image tokens: pick a fixed-resolution SigLIP2 checkpoint "
+    "(model type 'siglip', e.g. google/siglip2-so400m-patch14-384)"
+)
+
+
 def vision_tower_class(config: PhiClipConfig) -> type[PreTrainedModel]:
     kind = config.vision_config.model_type
+    if kind == "siglip2_vision_model":
+        raise ValueError(SIGLIP2_NAFLEX)
     if kind.startswith("siglip"):
         if config.image_features == "pooled":
             raise ValueError("image_features 'pooled' needs a CLIP tower (CLIP's projected image embedding)")

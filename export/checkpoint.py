@@ -45,14 +45,28 @@ class ExportError(ValueError):
     """The run cannot be written as a standard Llava checkpoint; the message says why."""
 
 
+# Settings an LM's own causal-LM head applies to its logits (Gemma-2's soft-capping, Cohere's and Granite's scales),
+# and the value at which it does nothing. LlavaForConditionalGeneration puts a plain lm_head on the LM's hidden states.
+_HEAD_SETTINGS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
 def check_exportable(config) -> None:
-    """Refuse models that a plain ``LlavaForConditionalGeneration`` cannot represent."""
+    """Refuse models that a plain ``LlavaForConditionalGeneration`` cannot represent; raises ``ExportError``."""
     if config.image_features != "patches":
         raise ExportError(
             f"image_features is '{config.image_features}': this model feeds the LM a pooled CLIP image "
             "embedding, which a standard Llava checkpoint (transformers, vLLM, lmms-eval) has no way to express. "
             "Only models with image_features 'patches' can be exported."
         )
+    text = config.text_config
+    for name, neutral in _HEAD_SETTINGS.items():
+        value = getattr(text, name, neutral)
+        if value != neutral:
+            raise ExportError(
+                f"the LM ({text.model_type}) sets {name}={value}: its own head applies that to the logits and "
+                "LlavaForConditionalGeneration's head does not, so a Llava checkpoint would answer differently. "
+                "Share the PhiClip folder (Hub files) or export to GGUF instead."
+            )
 
 
 def _target_dtype(name: str, model: PhiClipForCausalLM) -> torch.dtype:

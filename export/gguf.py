@@ -32,8 +32,9 @@ from chat.assistant import load_parts, locate
 from configuration_phiclip import PhiClipConfig
 from export import gguf_card, gguf_lm, mmproj
 from export.checkpoint import _target_dtype, check_out, finish_out, partial_folder
-from export.llamacpp import LlamaCpp, find_llamacpp
+from export.llamacpp import LlamaCpp, LlamaCppError, find_llamacpp
 from modeling_phiclip import ADAPTER_DIR, PhiClipForCausalLM
+from processing_phiclip import TemplateError
 
 INFO_FILE = "phiclip_gguf.json"
 TEXT_DIR = "text-only"
@@ -133,13 +134,24 @@ def export_gguf(
     out = check_out(source, out, overwrite)
 
     model, processor = load_parts(source, dtype=torch.float32, merge_adapter=True)  # PhiClip's own code only
+    resample = getattr(processor.image_processor, "resample", Image.Resampling.BICUBIC)
+    if resample is not None and int(resample) != Image.Resampling.BICUBIC and not allow_approximate_vision:
+        raise mmproj.GGUFExportError(
+            f"image_processor.resample is {Image.Resampling(int(resample)).name.lower()}: llama.cpp resizes images "
+            "bicubically (measured: a bilinear SigLIP2 tower's greedy answers differ from PhiClip's in llama.cpp), so "
+            "its image features would not be PhiClip's; pass allow_approximate_vision (--allow-approximate-vision) "
+            "to export anyway")
     model.eval()
     llama = llama or find_llamacpp()
     dtype = _target_dtype("auto", model)
     template = gguf_lm.gguf_chat_template(processor.chat_template)
-    turns = gguf_card.chat_turns(lambda messages, gen: processor.render(messages, add_generation_prompt=gen))
+    try:  # the Ollama Modelfile copies the template's role markers; llama.cpp renders the embedded Jinja itself
+        turns = gguf_card.chat_turns(lambda messages, gen: processor.render(messages, add_generation_prompt=gen))
+        no_modelfile = None
+    except (gguf_card.TemplateShapeError, TemplateError) as err:
+        turns, no_modelfile = None, str(err)
     stops = [processor.tokenizer.eos_token] if processor.tokenizer.eos_token else []
-    if turns.assistant[1].strip() and turns.assistant[1].strip() not in stops:
+    if turns is not None and turns.assistant[1].strip() and turns.assistant[1].strip() not in stops:
         stops.append(turns.assistant[1].strip())
 
     tmp = partial_folder(out)
@@ -147,7 +159,13 @@ def export_gguf(
         work = Path(scratch)
         tokenizer = processor.tokenizer
         gguf_lm.write_lm_folder(model.language_model, tokenizer, template, work / "lm", dtype)
-        gguf_lm.convert_lm(llama, work / "lm", tmp / names["f16"], name)
+        try:
+            gguf_lm.convert_lm(llama, work / "lm", tmp / names["f16"], name)
+        except LlamaCppError as err:
+            shutil.rmtree(tmp)
+            reason = str(err).strip().splitlines()[-1]
+            raise mmproj.GGUFExportError(f"llama.cpp's converter cannot convert this LM "
+                                         f"({model.language_model.config.architectures[0]}): {reason}") from err
         shutil.rmtree(work / "lm")
         for q in extra:
             gguf_lm.quantize(llama, tmp / names["f16"], tmp / names[q], q)
@@ -178,9 +196,10 @@ def export_gguf(
 
     lm_files = {names[q]: (tmp / names[q]).stat().st_size for q in ["f16", *extra]}
     default_quant = "q8_0" if "q8_0" in extra else (extra[0] if extra else "f16")
-    (tmp / "Modelfile").write_text(gguf_card.modelfile(names[default_quant], names["mmproj"], turns, stops))
-    if text_route:
-        (tmp / "Modelfile.text-only").write_text(gguf_card.modelfile(names["base"], None, turns, stops))
+    if turns is not None:
+        (tmp / "Modelfile").write_text(gguf_card.modelfile(names[default_quant], names["mmproj"], turns, stops))
+        if text_route:
+            (tmp / "Modelfile.text-only").write_text(gguf_card.modelfile(names["base"], None, turns, stops))
     pad = tuple(getattr(processor, "pad_colour", mmproj.LLAMACPP_PAD_COLOUR))
     facts = gguf_card.CardFacts(
         repo_id=repo_id, name=name, lm_files=lm_files, mmproj_file=names["mmproj"],
@@ -190,7 +209,7 @@ def export_gguf(
         cosine_square=cos_square, cosine_wide=cos_wide, image_aspect=getattr(processor, "image_aspect", "crop"),
         pad_colour=pad, llama_pad_colour=mmproj.LLAMACPP_PAD_COLOUR, image_size=int(config.vision_config.image_size),
         n_image_tokens=(int(config.vision_config.image_size) // int(config.vision_config.patch_size)) ** 2,
-        llama_cpp_python=llama.version, default_quant=default_quant,
+        llama_cpp_python=llama.version, default_quant=default_quant, no_modelfile=no_modelfile,
     )
     (tmp / "README.md").write_text(gguf_card.card(facts))
     info = {"source": str(source), "name": name, "files": {**lm_files, names["mmproj"]: facts.mmproj_size,
@@ -200,6 +219,7 @@ def export_gguf(
             "vision_cosine_min": {"square": cos_square, "wide_3x2": cos_wide},
             "image_aspect": facts.image_aspect, "pad_colour": list(pad),
             "llama_cpp_pad_colour": list(mmproj.LLAMACPP_PAD_COLOUR), "media_marker": gguf_lm.MEDIA_MARKER,
-            "default_quant": default_quant, "text_route": text_route, "repo_id": repo_id}
+            "default_quant": default_quant, "text_route": text_route, "repo_id": repo_id,
+            "no_modelfile": no_modelfile}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     return finish_out(tmp, out)

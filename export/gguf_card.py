@@ -171,6 +171,7 @@ class CardFacts:
     n_image_tokens: int
     llama_cpp_python: str
     default_quant: str
+    no_modelfile: str | None = None  # why no Ollama Modelfile was written (None: it was)
 
 
 def _size(n: int) -> str:
@@ -216,6 +217,8 @@ def card(f: CardFacts) -> str:
     text_route = ""
     if f.text_files:
         base_file, lora_file = list(f.text_files)
+        second_model = (f"create a second model from `Modelfile.text-only` (`ollama create {f.name}-text -f "
+                        "Modelfile.text-only`)" if f.no_modelfile is None else f"load `{base_file}` as a second model")
         text_route = f"""
 ## Text-only questions: base model + LoRA adapter
 
@@ -228,10 +231,19 @@ llama-server -m {base_file} --mmproj {f.mmproj_file} --lora {lora_file} --lora-i
 # image questions: "lora": [{{"id": 0, "scale": 1.0}}] in the request; text-only: scale 0.0
 ```
 
-Ollama and LM Studio cannot switch an adapter per request: create a second model from
-`Modelfile.text-only` (`ollama create {f.name}-text -f Modelfile.text-only`) for text-only questions, or use
+Ollama and LM Studio cannot switch an adapter per request: {second_model} for text-only questions, or use
 the merged model for everything (text-only answers then come from the adapted model, not the base).
 """
+    ollama = f"""```sh
+ollama create {f.name} -f Modelfile
+ollama run {f.name} "What is in the picture? ./photo.png"
+```
+
+The Modelfile loads the language model and the mmproj and carries the chat template as a Go template.
+Ollama writes its image tag straight before the text, without the newline PhiClip trains with.""" if (
+        f.no_modelfile is None) else (
+        f"This export has no Modelfile: {f.no_modelfile}, and an Ollama template (Go) can only wrap each message "
+        "in fixed role markers. llama.cpp and LM Studio render the chat template embedded in the GGUF itself.")
     exact = ("llama.cpp computes exactly PhiClip's image features." if f.vision_exact else
              f"Image features are {f.vision} (exported with `--allow-approximate-vision`; llama.cpp "
              f"{f.llama_cpp_python} has no exact form). Per-token cosine against PhiClip's, measured at export: "
@@ -285,13 +297,7 @@ the message, then a newline, then the text), for `MTMDChatHandler` and for llama
 
 ## Ollama
 
-```sh
-ollama create {f.name} -f Modelfile
-ollama run {f.name} "What is in the picture? ./photo.png"
-```
-
-The Modelfile loads the language model and the mmproj and carries the chat template as a Go template.
-Ollama writes its image tag straight before the text, without the newline PhiClip trains with.
+{ollama}
 
 ## LM Studio
 

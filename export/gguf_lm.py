@@ -94,7 +94,11 @@ def write_lm_folder(lm: torch.nn.Module, tokenizer, chat_template: str, out: Pat
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["chat_template"] = chat_template
-    config.setdefault("add_bos_token", bool(getattr(tokenizer, "add_bos_token", False)))
+    # A template that writes bos_token (Llama-3's, Gemma's, Mistral's) gets it back as a token only where llama.cpp
+    # adds BOS itself: llama-cpp-python renders bos_token as text without special pieces, and llama.cpp's own
+    # template engine strips a rendered BOS when the GGUF adds one.
+    writes_bos = tokenizer.bos_token is not None and "bos_token" in chat_template
+    config["add_bos_token"] = writes_bos or bool(config.get("add_bos_token", getattr(tokenizer, "add_bos_token", False)))
     config.setdefault("add_eos_token", bool(getattr(tokenizer, "add_eos_token", False)))
     for key in ("auto_map", "processor_class"):  # the folder is a plain LM now, not PhiClip
         config.pop(key, None)

@@ -479,3 +479,43 @@ def test_phi3_with_its_sentencepiece_tokenizer_converts_and_quantizes(tmp_path):
     assert {"real-shape-f16.gguf", "real-shape-Q4_K_M.gguf", "mmproj-real-shape-f16.gguf"} <= set(result["files"])
     assert min(result["vision_cosine_min"].values()) > 0.9
     assert out.stdout.strip().splitlines()[-1] == "real shape (small): 3/3 stages done"
+
+
+# ---- each LM family (tests/family_matrix.py's GGUF column) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, smol_tokenizer_dir) -> dict[tuple[str, str], Path]:
+    from family_matrix import CELLS
+    from tiny_models import build_family_runs
+
+    return build_family_runs(tmp_path_factory.mktemp("families"), CELLS, smol_tokenizer_dir)
+
+
+def _family_cells() -> list[tuple[str, str]]:
+    from family_matrix import CELLS
+
+    return CELLS
+
+
+@pytest.mark.parametrize("cell", _family_cells(), ids=lambda cell: "-".join(cell))
+def test_each_family_converts_or_is_refused_by_name(family_runs, cell, tmp_path):
+    """llama.cpp's own converter writes the LM with the family's template embedded; llama.cpp then answers the
+    held-out questions as PhiClip does. What it cannot convert is refused naming the LM and the reason, and nothing
+    is left at the export's folder."""
+    from family_matrix import refusal
+
+    run, out = family_runs[cell], tmp_path / "gguf"
+    reason = refusal(cell, "gguf")
+    if reason is not None:
+        with pytest.raises(mmproj.GGUFExportError, match=re.escape(reason)):
+            export_gguf(run, out, name="fam", text_route=False, llama=LLAMA)
+        assert not out.exists() and not (tmp_path / "gguf.partial").exists()
+        return
+    export_gguf(run, out, name="fam", text_route=False, llama=LLAMA)
+    items = _tiny_items(tmp_path, 4)
+    ours = _phiclip_answers(run, items, 8)
+    theirs = _chat(out / "fam-f16.gguf", out / "mmproj-fam-f16.gguf", items, tmp_path / "f16.jsonl", 8)
+    same = sum(theirs[k].strip() == ours[k].strip() for k in ours)
+    print(f"{cell}: PhiClip vs llama.cpp f16: {same}/{len(ours)} identical greedy answers")
+    assert same >= len(ours) - 1

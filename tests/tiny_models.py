@@ -14,23 +14,34 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+LM_KINDS = ("llama", "phi3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "smollm3")
+
 
 def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: float = 0.02) -> Path:
-    """A 2-layer random-init Llama (tied embeddings), Phi-3, Qwen3, Mistral or Gemma-2 sized for ``tokenizer``, saved
+    """A 2-layer random-init LM of one of ``LM_KINDS`` (Llama with tied embeddings) sized for ``tokenizer``, saved
     with it."""
     import torch
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
         Phi3Config,
         Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
     )
+
+    if kind not in LM_KINDS:
+        raise ValueError(f"tiny LM kind '{kind}' is not one of {', '.join(LM_KINDS)}")
 
     torch.manual_seed(0)
     common = {
@@ -54,6 +65,12 @@ def save_tiny_lm(out: Path, tokenizer, kind: str = "llama", initializer_range: f
         model = MistralForCausalLM(MistralConfig(**common, head_dim=16, sliding_window=256))
     elif kind == "gemma2":  # logit soft-capping, sliding windows, eager attention only
         model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16))
+    elif kind == "gemma3":  # scaled embeddings, q/k norms, local and global layers
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=64))
+    elif kind == "qwen2":  # biased q/k/v projections
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif kind == "smollm3":  # no RoPE on every fourth layer
+        model = SmolLM3ForCausalLM(SmolLM3Config(**common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
     model.save_pretrained(out)
@@ -73,6 +90,48 @@ def save_tiny_clip(out: Path) -> Path:
     )
     CLIPVisionModel(config).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return Path(out)
+
+
+TOWER_KINDS = ("clip", "siglip", "siglip2", "siglip2-naflex")
+
+
+def save_tiny_tower(out: Path, kind: str) -> Path:
+    """A tiny random-init vision checkpoint as the Hub ships one: the full two-tower model (text tower included) with
+    its own image processor, 32x32 pixels in 8x8 patches. ``siglip2`` is a fixed-resolution SigLIP2 release (model
+    type ``siglip``, bilinear resize); ``siglip2-naflex`` the variable-resolution one (model type ``siglip2``)."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        Siglip2Config,
+        Siglip2ImageProcessor,
+        Siglip2Model,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+
+    torch.manual_seed(0)
+    text = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "patch_size": 8}
+    if kind == "clip":
+        CLIPModel(CLIPConfig(text_config=text, vision_config={**vision, "image_size": 32}, projection_dim=16)
+                  ).save_pretrained(out)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    elif kind in ("siglip", "siglip2"):
+        SiglipModel(SiglipConfig(text_config=text, vision_config={**vision, "image_size": 32})).save_pretrained(out)
+        resample = 2 if kind == "siglip2" else 3  # PIL bilinear / bicubic, as each release's preprocessor has it
+        SiglipImageProcessor(size={"height": 32, "width": 32}, resample=resample).save_pretrained(out)
+    elif kind == "siglip2-naflex":
+        Siglip2Model(Siglip2Config(text_config=text, vision_config={**vision, "num_patches": 16})).save_pretrained(out)
+        Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(out)
+    else:
+        raise ValueError(f"tiny tower kind '{kind}' is not one of {', '.join(TOWER_KINDS)}")
     return Path(out)
 
 
@@ -139,3 +198,30 @@ def build_tiny_run(out: Path, lm_dir: str | Path, vision_dir: str | Path, steps:
         ),
     )
     return train(cfg)
+
+
+def build_family_runs(root: Path, cells: list[tuple[str, str]], tokenizer_dir: str | Path,
+                      steps: int = 2) -> dict[tuple[str, str], Path]:
+    """Train each (LM template, tower) cell of tests/family_matrix.py ``steps`` steps on toy data; each tiny LM and
+    tower is built once. Returns the run directories by cell."""
+    from family_matrix import LMS, TOWERS
+    from helpers import make_toy_data, tiny_config, tokenizer_with_template
+
+    from train.run import train
+
+    root = Path(root)
+    data = make_toy_data(root)
+    towers: dict[str, Path] = {}
+    lms: dict[str, Path] = {}
+    runs = {}
+    for lm, tower in cells:
+        kind = TOWERS[tower].kind
+        if kind not in towers:
+            towers[kind] = save_tiny_tower(root / "towers" / kind, kind)
+        if lm not in lms:
+            lms[lm] = save_tiny_lm(root / "lms" / lm, tokenizer_with_template(tokenizer_dir, lm), LMS[lm].kind,
+                                   initializer_range=0.2)
+        cfg = tiny_config(lms[lm], towers[kind], data, root / f"run-{lm}-{tower}", max_steps=steps)
+        cfg.model.vision_feature_select_strategy = TOWERS[tower].strategy
+        runs[(lm, tower)] = train(cfg)
+    return runs

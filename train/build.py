@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 
 from configuration_phiclip import PhiClipConfig
 from data.template import check_chat_template
-from modeling_phiclip import PhiClipForCausalLM, vision_tower_class
+from modeling_phiclip import SIGLIP2_NAFLEX, PhiClipForCausalLM, vision_tower_class
 from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
 from runtime.config import LoraConfig, ModelConfig
 from runtime.devices import default_device, pick_dtype, quantization
@@ -41,8 +41,10 @@ class Built:
 def _vision_config(path: str, revision: str | None):
     """The vision part of a CLIP/SigLIP checkpoint's config (full CLIP configs hold it as ``vision_config``)."""
     config = AutoConfig.from_pretrained(path, revision=revision)
-    if config.model_type in ("clip", "siglip"):
+    if config.model_type in ("clip", "siglip", "siglip2"):
         config = config.vision_config
+    if config.model_type == "siglip2_vision_model":
+        raise ValueError(f"{path}: {SIGLIP2_NAFLEX}")
     if config.model_type not in ("clip_vision_model", "siglip_vision_model"):
         raise ValueError(f"vision tower {path}: model type '{config.model_type}' is not CLIP or SigLIP")
     return config
@@ -58,7 +60,7 @@ def build_model(
     dtype = pick_dtype(cfg.dtype, device)
     lm_path = resolve(cfg.lm)
     vision_path = resolve(cfg.vision)
-
+    vision_config = _vision_config(vision_path, cfg.vision_revision)  # an unusable tower fails before anything loads
     processor = PhiClipProcessor.from_parts(
         AutoImageProcessor.from_pretrained(vision_path), AutoTokenizer.from_pretrained(lm_path), system_prompt,
         IMAGE_TOKEN, cfg.image_aspect,
@@ -80,7 +82,7 @@ def build_model(
         text_model=lm_path,
         vision_model=vision_path,
         text_config={k: v for k, v in lm.config.to_dict().items() if k != "quantization_config"},
-        vision_config=_vision_config(vision_path, cfg.vision_revision).to_dict(),
+        vision_config=vision_config.to_dict(),
         image_token=IMAGE_TOKEN,
         image_token_id=processor.image_token_id,
         **cfg.phiclip_fields(),
