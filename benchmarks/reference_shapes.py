@@ -136,24 +136,34 @@ def _corpus(path: Path, chars: int) -> Path:
     return path
 
 
-def write_tokenizer(shape: Parts, out: Path) -> Path:
-    """A LlamaTokenizer like Phi-3.5-mini's: SentencePiece BPE (byte fallback, digits split) of ``shape.pieces``
-    pieces, Phi-3's added tokens at ids ``pieces ...``, its chat template; ``tokenizer.model`` kept beside."""
+def train_sentencepiece(out: Path, pieces: int, corpus_chars: int, **special: Any) -> Path:
+    """``out/tokenizer.model``: a SentencePiece BPE model (byte fallback, digits split, as Llama's, Phi-3's and
+    Gemma's are) of ``pieces`` pieces trained on ``corpus_chars`` characters of Python source. ``special``: the
+    trainer's ids and symbols (default ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no pad)."""
     import sentencepiece
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    corpus = _corpus(out / "corpus.txt", shape.corpus_chars)
+    corpus = _corpus(out / "corpus.txt", corpus_chars)
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=shape.pieces, model_type="bpe",
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=pieces, model_type="bpe",
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        **{"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, **special},
         input_sentence_size=300_000, shuffle_input_sentence=True, num_threads=2, minloglevel=2,
         max_sentence_length=4096,
     )
     corpus.unlink()
     (out / "tokenizer.vocab").unlink()
+    return out / "tokenizer.model"
+
+
+def write_tokenizer(shape: Parts, out: Path) -> Path:
+    """A LlamaTokenizer like Phi-3.5-mini's: SentencePiece BPE (byte fallback, digits split) of ``shape.pieces``
+    pieces, Phi-3's added tokens at ids ``pieces ...``, its chat template; ``tokenizer.model`` kept beside."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    train_sentencepiece(out, shape.pieces, shape.corpus_chars)
     settings = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
                 "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
                 "model_max_length": shape.lm["max_position_embeddings"], "padding_side": "left",

@@ -97,6 +97,21 @@ def vision_cosine(llama: LlamaCpp, model: PhiClipForCausalLM, processor, lm_file
     return float(cos.min())
 
 
+# llama.cpp sets Phi-3's special-token attributes on any model whose general.name contains "phi3" or "phi-3",
+# looking these tokens up by text: a vocabulary without them (Phi-4-mini's) fails to load.
+_PHI3_NAME_TOKENS = ("<s>", "</s>", "<unk>", "<|endoftext|>")
+
+
+def _check_name(name: str, vocab: dict[str, int]) -> None:
+    """Refuse a name llama.cpp would load this vocabulary wrongly under; raises ``GGUFExportError``."""
+    lowered = name.lower()
+    missing = [t for t in _PHI3_NAME_TOKENS if t not in vocab]
+    if ("phi3" in lowered or "phi-3" in lowered) and missing:
+        raise mmproj.GGUFExportError(
+            f"name '{name}': llama.cpp treats a model whose name contains 'phi3' or 'phi-3' as Phi-3 and fails to load "
+            f"it when the vocabulary lacks {', '.join(missing)} (as this one does); pick a name without it")
+
+
 def export_gguf(
     source: str | Path,
     out: str | Path,
@@ -134,13 +149,14 @@ def export_gguf(
     out = check_out(source, out, overwrite)
 
     model, processor = load_parts(source, dtype=torch.float32, merge_adapter=True)  # PhiClip's own code only
+    _check_name(name, processor.tokenizer.get_vocab())
     resample = getattr(processor.image_processor, "resample", Image.Resampling.BICUBIC)
-    if resample is not None and int(resample) != Image.Resampling.BICUBIC and not allow_approximate_vision:
+    if resample is not None and int(resample) != Image.Resampling.BICUBIC:
         raise mmproj.GGUFExportError(
-            f"image_processor.resample is {Image.Resampling(int(resample)).name.lower()}: llama.cpp resizes images "
-            "bicubically (measured: a bilinear SigLIP2 tower's greedy answers differ from PhiClip's in llama.cpp), so "
-            "its image features would not be PhiClip's; pass allow_approximate_vision (--allow-approximate-vision) "
-            "to export anyway")
+            f"image_processor.resample is {Image.Resampling(int(resample)).name.lower()} (the tower's own setting, "
+            "as SigLIP2 releases ship it): llama.cpp's mtmd resizes every image bicubically, so its image features "
+            "would not be the ones the model was trained on (measured: greedy answers differ from PhiClip's on 3-4 "
+            "of 4 questions). Train with a bicubic image processor to export to GGUF.")
     model.eval()
     llama = llama or find_llamacpp()
     dtype = _target_dtype("auto", model)

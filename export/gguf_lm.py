@@ -104,6 +104,9 @@ def write_lm_folder(lm: torch.nn.Module, tokenizer, chat_template: str, out: Pat
         config.pop(key, None)
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if getattr(lm.config, "architectures", None) == ["Phi3ForCausalLM"] and not (out / "tokenizer.model").is_file():
+        # llama.cpp's Phi-3 converter reads a byte-level BPE vocabulary (Phi-4-mini's) only under this class name
+        config["tokenizer_class"] = "GPT2Tokenizer"
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
 

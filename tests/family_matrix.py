@@ -25,11 +25,14 @@ ROAD_TITLES = {
 @dataclass(frozen=True)
 class LM:
     """A family's tiny LM: its template fixture (tests/templates/NAME.json), the transformers class it is built as
-    (tests/tiny_models.py), the attention PhiClip picks for it, and the family as the README names it."""
+    (tests/tiny_models.py), the attention PhiClip picks for it, the family as the README names it, and the
+    tokenizer it wears (``smollm2``: SmolLM2's byte-level BPE; ``gemma-sentencepiece``: a SentencePiece model with
+    Gemma's special tokens and ids)."""
 
     kind: str
     attention: str
     family: str
+    tokenizer: str = "smollm2"
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,12 @@ class Tower:
 
 LMS = {
     "llama3": LM("llama", "sdpa", "Llama-3 (`LlamaForCausalLM`)"),
-    "phi3.5": LM("phi3", "sdpa", "Phi-3.5 (`Phi3ForCausalLM`)"),
+    "llama3.1": LM("llama", "sdpa", "Llama-3.1, dated system header (`LlamaForCausalLM`)"),
+    "phi3.5": LM("phi3", "sdpa", "Phi-3.5 template, BPE vocabulary as Phi-4-mini's (`Phi3ForCausalLM`)"),
     "qwen2.5": LM("qwen2", "sdpa", "Qwen2.5 (`Qwen2ForCausalLM`)"),
     "qwen3": LM("qwen3", "sdpa", "Qwen3, thinking template (`Qwen3ForCausalLM`)"),
-    "gemma2": LM("gemma2", "eager", "Gemma-2 (`Gemma2ForCausalLM`)"),
-    "gemma3": LM("gemma3", "sdpa", "Gemma-3 text (`Gemma3ForCausalLM`)"),
+    "gemma2": LM("gemma2", "eager", "Gemma-2 (`Gemma2ForCausalLM`), SentencePiece", "gemma-sentencepiece"),
+    "gemma3": LM("gemma3", "sdpa", "Gemma-3 text (`Gemma3ForCausalLM`), SentencePiece", "gemma-sentencepiece"),
     "mistral-nemo": LM("mistral", "sdpa", "Mistral NeMo (`MistralForCausalLM`)"),
     "smollm3": LM("smollm3", "sdpa", "SmolLM3, thinking template (`SmolLM3ForCausalLM`)"),
 }
@@ -62,15 +66,12 @@ TOWER_LMS = ("llama3", "qwen3")
 CELLS = [(lm, "siglip") for lm in LMS] + [(lm, tower) for tower in TOWERS if tower != "siglip" for lm in TOWER_LMS]
 
 # What a road refuses, by name, before writing anything: (LM or tower, road) -> words the refusal contains.
-# The tiny LMs wear SmolLM2's byte-level BPE tokenizer: llama.cpp's Phi-3 and Gemma-2 converters read the SentencePiece
-# tokenizer.model those families ship (a real Phi-3 one is converted in make test-gguf's real-shape test), and under
-# transformers 5 a Qwen2 LM's tokenizer loads as Qwen2Tokenizer, whose pre-tokenizer llama.cpp does not know for
-# this vocabulary.
+# Under transformers 5 a Qwen2 LM's tokenizer loads as Qwen2Tokenizer, whose pre-tokenizer llama.cpp does not know
+# for SmolLM2's vocabulary (the tiny Qwen2.5 wears it). (The tiny Phi-3.5 is shaped like Phi-4-mini: Phi-3 layers, a
+# BPE vocabulary; a Phi-3.5 with its SentencePiece tokenizer converts in make test-gguf's real-shape test.)
 REFUSED = {
     ("gemma2", "llava"): "final_logit_softcapping",
     ("gemma2", "vllm-lora"): "final_logit_softcapping",
-    ("phi3.5", "gguf"): "tokenizer.model",
-    ("gemma2", "gguf"): "tokenizer.model",
     ("qwen2.5", "gguf"): "BPE pre-tokenizer was not recognized",
     ("clip-default", "gguf"): "vision_feature_select_strategy 'default'",
     ("clip-full", "gguf"): "vision_feature_select_strategy 'full'",

@@ -89,6 +89,18 @@ def test_clip_default_is_refused_unless_an_approximation_is_allowed(tiny_run):
     assert plan.note.startswith("approximate") and "class token" in plan.note
 
 
+def test_a_name_llama_cpp_reads_as_phi3_needs_phi3s_tokens():
+    """llama.cpp looks up <s>, </s>, <unk> and <|endoftext|> by text for any model named like Phi-3; a Phi-3-layered
+    LM with a BPE vocabulary (Phi-4-mini's shape) named so would not load."""
+    from export.gguf import _check_name
+
+    phi35 = {"<s>": 1, "</s>": 2, "<unk>": 0, "<|endoftext|>": 32000}
+    _check_name("phiclip-phi3.5", phi35)
+    _check_name("phiclip-mini", {"<|endoftext|>": 0})
+    with pytest.raises(mmproj.GGUFExportError, match=r"name 'My-Phi-3-vision'.*lacks <s>, </s>, <unk>"):
+        _check_name("My-Phi-3-vision", {"<|endoftext|>": 0})
+
+
 def test_cli_flag_reaches_the_export_and_is_refused_for_other_formats(monkeypatch, capsys):
     import argparse
 

@@ -518,4 +518,5 @@ def test_each_family_converts_or_is_refused_by_name(family_runs, cell, tmp_path)
     theirs = _chat(out / "fam-f16.gguf", out / "mmproj-fam-f16.gguf", items, tmp_path / "f16.jsonl", 8)
     same = sum(theirs[k].strip() == ours[k].strip() for k in ours)
     print(f"{cell}: PhiClip vs llama.cpp f16: {same}/{len(ours)} identical greedy answers")
+    print({k: (ours[k], theirs[k]) for k in ours if ours[k].strip() != theirs[k].strip()})
     assert same >= len(ours) - 1

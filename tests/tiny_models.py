@@ -200,6 +200,21 @@ def build_tiny_run(out: Path, lm_dir: str | Path, vision_dir: str | Path, steps:
     return train(cfg)
 
 
+def save_gemma_sentencepiece_tokenizer(out: Path) -> Path:
+    """A ``GemmaTokenizer`` as Gemma's ships: a SentencePiece BPE model (byte fallback, no space prefix handling of
+    its own) with ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3 and the turn markers as pieces of the model;
+    1000 pieces trained in a second or two on Python's source (benchmarks/reference_shapes.py)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.reference_shapes import train_sentencepiece
+
+    train_sentencepiece(out, 1000, 400_000, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+                        eos_piece="<eos>", bos_piece="<bos>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)
+    return Path(out)
+
+
 def build_family_runs(root: Path, cells: list[tuple[str, str]], tokenizer_dir: str | Path,
                       steps: int = 2) -> dict[tuple[str, str], Path]:
     """Train each (LM template, tower) cell of tests/family_matrix.py ``steps`` steps on toy data; each tiny LM and
@@ -213,13 +228,17 @@ def build_family_runs(root: Path, cells: list[tuple[str, str]], tokenizer_dir: s
     data = make_toy_data(root)
     towers: dict[str, Path] = {}
     lms: dict[str, Path] = {}
+    tokenizers = {"smollm2": Path(tokenizer_dir)}
     runs = {}
     for lm, tower in cells:
         kind = TOWERS[tower].kind
         if kind not in towers:
             towers[kind] = save_tiny_tower(root / "towers" / kind, kind)
         if lm not in lms:
-            lms[lm] = save_tiny_lm(root / "lms" / lm, tokenizer_with_template(tokenizer_dir, lm), LMS[lm].kind,
+            base = LMS[lm].tokenizer
+            if base not in tokenizers:
+                tokenizers[base] = save_gemma_sentencepiece_tokenizer(root / "tokenizers" / base)
+            lms[lm] = save_tiny_lm(root / "lms" / lm, tokenizer_with_template(tokenizers[base], lm), LMS[lm].kind,
                                    initializer_range=0.2)
         cfg = tiny_config(lms[lm], towers[kind], data, root / f"run-{lm}-{tower}", max_steps=steps)
         cfg.model.vision_feature_select_strategy = TOWERS[tower].strategy
