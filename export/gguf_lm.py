@@ -83,7 +83,8 @@ def write_lm_folder(lm: torch.nn.Module, tokenizer, chat_template: str, out: Pat
     """Save ``lm`` (a plain ``*ForCausalLM``) and ``tokenizer`` with ``chat_template`` as an HF folder in ``out``.
 
     ``add_bos_token`` / ``add_eos_token`` are written explicitly (false unless the tokenizer says
-    otherwise): PhiClip tokenizes prompts without them and llama.cpp adds what the GGUF says.
+    otherwise, or the template writes ``bos_token``): PhiClip tokenizes prompts without them and llama.cpp adds
+    what the GGUF says.
     """
     out.mkdir(parents=True, exist_ok=True)
     fit_vocabulary(lm, len(tokenizer))
@@ -96,9 +97,10 @@ def write_lm_folder(lm: torch.nn.Module, tokenizer, chat_template: str, out: Pat
     config["chat_template"] = chat_template
     # A template that writes bos_token (Llama-3's, Gemma's, Mistral's) gets it back as a token only where llama.cpp
     # adds BOS itself: llama-cpp-python renders bos_token as text without special pieces, and llama.cpp's own
-    # template engine strips a rendered BOS when the GGUF adds one.
+    # template engine (common/chat.cpp) strips a rendered BOS when the GGUF adds one.
     writes_bos = tokenizer.bos_token is not None and "bos_token" in chat_template
-    config["add_bos_token"] = writes_bos or bool(config.get("add_bos_token", getattr(tokenizer, "add_bos_token", False)))
+    adds_bos = config.get("add_bos_token", getattr(tokenizer, "add_bos_token", False))
+    config["add_bos_token"] = writes_bos or bool(adds_bos)
     config.setdefault("add_eos_token", bool(getattr(tokenizer, "add_eos_token", False)))
     for key in ("auto_map", "processor_class"):  # the folder is a plain LM now, not PhiClip
         config.pop(key, None)
