@@ -159,6 +159,30 @@ def vision_tower_class(config: PhiClipConfig) -> type[PreTrainedModel]:
     raise ValueError(f"vision tower of model type '{kind}' is not CLIP or SigLIP")
 
 
+# Weights of a two-tower CLIP/SigLIP checkpoint that belong to its text half: a vision tower leaves them unused.
+TEXT_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+
+
+def load_vision_tower(config: PhiClipConfig, name: str, **kwargs: Any) -> PreTrainedModel:
+    """The vision tower of the CLIP/SigLIP checkpoint ``name`` (Hub id or folder; ``kwargs`` go to
+    ``from_pretrained``). The text half of a two-tower checkpoint is left out without a load report; a weight the
+    tower needs and the checkpoint lacks raises ``ValueError`` naming it; any other unused weight is logged."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers would report the whole text half as UNEXPECTED
+    try:
+        tower, info = vision_tower_class(config).from_pretrained(name, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"vision tower {name}: the checkpoint lacks {', '.join(sorted(info['missing_keys']))}")
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(TEXT_HALF))
+    if unused:
+        hf_logging.get_logger(__name__).warning(f"vision tower {name}: weights left unused: {', '.join(unused)}")
+    return tower
+
+
 class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PhiClipConfig
     base_model_prefix = ""
@@ -890,11 +914,10 @@ class PhiClipForCausalLM(PreTrainedModel, GenerationMixin):
         param_dtype = language_model.get_input_embeddings().weight.dtype
         if not param_dtype.is_floating_point:
             param_dtype = torch.float32
-        tower_class = vision_tower_class(config)
         if config.vision_weights:
-            tower = tower_class(config.vision_config)
+            tower = vision_tower_class(config)(config.vision_config)
         else:
-            tower = tower_class.from_pretrained(config.vision_model, revision=config.vision_revision, **hub)
+            tower = load_vision_tower(config, config.vision_model, revision=config.vision_revision, **hub)
         model = cls(config, language_model=language_model, vision_tower=tower)
         model.vision_tower.to(device=device, dtype=param_dtype)
         model.projector.to(device=device, dtype=param_dtype)

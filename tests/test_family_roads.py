@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from family_matrix import CELLS, LMS, REFUSED_TOWERS, refusal, render_tables
-from helpers import make_toy_data, tiny_config, without_project, write_image
+from helpers import make_toy_data, tiny_config, transformers_log, without_project, write_image
 from PIL import Image
 from tiny_models import build_family_runs, save_tiny_tower
 
@@ -87,6 +87,33 @@ def test_a_tower_phiclip_cannot_feed_is_refused_by_name(tmp_path, tiny_llama_dir
     with pytest.raises(ValueError, match="NaFlex"):
         train(cfg)
     assert not list((tmp_path / "run").rglob("*"))  # nothing written
+
+
+@pytest.mark.parametrize("cell", [("llama3", "siglip"), ("qwen3", "clip-full")], ids=["siglip", "clip"])
+def test_a_two_tower_checkpoint_loads_its_vision_half_without_a_load_report(runs, cell):
+    """Towers ship as two-tower checkpoints; the text half they leave unused is expected, not reported (before,
+    every load printed transformers' table of the text tower's weights as UNEXPECTED)."""
+    from chat.assistant import VisionChat
+
+    with transformers_log("transformers.modeling_utils") as records:
+        VisionChat.load(runs[cell])
+    assert records and records[0].getMessage().startswith("probe")  # the hook sees the logger the report uses
+    reported = [m for m in (r.getMessage() for r in records[1:]) if "LOAD REPORT" in m or "text_model" in m]
+    assert reported == []
+
+
+def test_a_tower_checkpoint_missing_a_weight_is_refused_naming_it(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file, save_file
+
+    from train.run import train
+
+    folder = save_tiny_tower(tmp_path / "clip", "clip")
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["vision_model.post_layernorm.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = tiny_config(tiny_llama_dir, folder, make_toy_data(tmp_path), tmp_path / "run", max_steps=1)
+    with pytest.raises(ValueError, match=r"vision tower .*lacks post_layernorm\.weight"):
+        train(cfg)
 
 
 # --- the Hub files, in a fresh Python without the project --------------------------------------------------------

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 
 from configuration_phiclip import PhiClipConfig
 from data.template import check_chat_template
-from modeling_phiclip import SIGLIP2_NAFLEX, PhiClipForCausalLM, vision_tower_class
+from modeling_phiclip import SIGLIP2_NAFLEX, PhiClipForCausalLM, load_vision_tower
 from processing_phiclip import IMAGE_TOKEN, PhiClipProcessor
 from runtime.config import LoraConfig, ModelConfig
 from runtime.devices import default_device, pick_dtype, quantization
@@ -89,7 +89,7 @@ def build_model(
     )
     if config.vision_config.model_type.startswith("siglip") and cfg.vision_feature_select_strategy == "default":
         raise ValueError("SigLIP towers have no CLS token: set model.vision_feature_select_strategy: full")
-    tower = vision_tower_class(config).from_pretrained(vision_path, revision=cfg.vision_revision, dtype=dtype).to(device)
+    tower = load_vision_tower(config, vision_path, revision=cfg.vision_revision, dtype=dtype).to(device)
     model = PhiClipForCausalLM(config, language_model=lm, vision_tower=tower)
     model.projector.to(device=device, dtype=dtype)
     model.generation_config = lm.generation_config
