@@ -114,3 +114,18 @@ def transformers_log(probe_logger: str) -> Iterator[list[logging.LogRecord]]:
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+def phiclip_logits(chat, messages: list[dict], image, adapter: bool, continuation: list[int] = ()):
+    """PhiClip's prompt ids (``<image>`` expanded as a Llava checkpoint has it) and its logits, shape
+    (positions, vocab), over the prompt and a teacher-forced ``continuation``; ``adapter`` False: the base LM."""
+    import torch
+
+    ids = chat.prompt_ids(messages, n_images=int(image is not None)) + list(continuation)
+    inputs = {"input_ids": torch.tensor([ids])}
+    if image is not None:
+        inputs["pixel_values"] = chat.processor.image_pixels([image])
+    with torch.no_grad(), (contextlib.nullcontext() if adapter else chat.model.adapter_disabled()):
+        logits = chat.model(**inputs).logits[0]
+    token = chat.processor.image_token_id
+    return [t for i in ids for t in [i] * (chat.n_image_tokens if i == token else 1)], logits

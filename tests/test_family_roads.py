@@ -7,7 +7,6 @@ refused by name before anything is written. The GGUF column runs in ``make test-
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import math
 import subprocess
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import torch
 from family_matrix import CELLS, LMS, REFUSED_TOWERS, refusal, render_tables
-from helpers import make_toy_data, tiny_config, transformers_log, without_project, write_image
+from helpers import make_toy_data, phiclip_logits, tiny_config, transformers_log, without_project, write_image
 from PIL import Image
 from tiny_models import build_family_runs, save_tiny_tower
 
@@ -225,19 +224,6 @@ def test_chat_and_api_answer_as_the_hub_load(runs, hub_answers, probe, cell):
 # --- exports -----------------------------------------------------------------------------------------------------
 
 
-def _phiclip_logits(chat, messages: list[dict], image, continuation: list[int], adapter: bool):
-    """PhiClip's prompt ids (``<image>`` expanded as a Llava checkpoint has it) and its logits over the prompt and a
-    teacher-forced continuation."""
-    ids = chat.prompt_ids(messages, n_images=int(image is not None)) + continuation
-    inputs = {"input_ids": torch.tensor([ids])}
-    if image is not None:
-        inputs["pixel_values"] = chat.processor.image_pixels([image])
-    with torch.no_grad(), (contextlib.nullcontext() if adapter else chat.model.adapter_disabled()):
-        logits = chat.model(**inputs).logits[0]
-    token = chat.processor.image_token_id
-    return [t for i in ids for t in [i] * (chat.n_image_tokens if i == token else 1)], logits
-
-
 def _llava_logits(model, processor, image, question: str, steps: int):
     """A Llava checkpoint's greedy continuation of ``steps`` tokens and its logits over prompt + continuation."""
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
@@ -281,7 +267,7 @@ def test_llava_export_gives_phiclips_logits_at_every_step(runs, probe, cell, tmp
     image = Image.open(probe).convert("RGB")
     for picture, question in ((image, IMAGE_QUESTION), (None, TEXT_QUESTION)):
         prompt, continuation, theirs = _llava_logits(llava, processor, picture, question, NEW_TOKENS)
-        ids, ours = _phiclip_logits(chat, [{"role": "user", "content": question}], picture, continuation, True)
+        ids, ours = phiclip_logits(chat, [{"role": "user", "content": question}], picture, True, continuation)
         assert prompt == ids[:len(prompt)]
         vocab = ours.shape[-1]  # the export gives <image> a vocabulary row of its own
         diff = (theirs[:, :vocab] - ours).abs().max().item()
@@ -310,13 +296,13 @@ def test_vllm_lora_export_names_map_onto_llava(runs, probe, cell, tmp_path):
     chat = VisionChat.load(runs[cell])
     image = Image.open(probe).convert("RGB")
     _, continuation, text_logits = _llava_logits(llava, processor, None, TEXT_QUESTION, 2)
-    _, want = _phiclip_logits(chat, [{"role": "user", "content": TEXT_QUESTION}], None, continuation, False)
+    _, want = phiclip_logits(chat, [{"role": "user", "content": TEXT_QUESTION}], None, False, continuation)
     assert (text_logits[:, :want.shape[-1]] - want).abs().max() < ATOL
     routed = PeftModel.from_pretrained(llava, str(out / "lora")).eval()
     wrapped = [n for n, m in routed.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
     assert len(wrapped) == len(trained) and all(".language_model." in n for n in wrapped), wrapped[:3]
     _, continuation, image_logits = _llava_logits(routed, processor, image, IMAGE_QUESTION, 2)
-    _, want = _phiclip_logits(chat, [{"role": "user", "content": IMAGE_QUESTION}], image, continuation, True)
+    _, want = phiclip_logits(chat, [{"role": "user", "content": IMAGE_QUESTION}], image, True, continuation)
     assert (image_logits[:, :want.shape[-1]] - want).abs().max() < ATOL
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from family_matrix import CELLS, refusal
 from PIL import Image
 
 from export import mmproj
@@ -486,25 +487,16 @@ def test_phi3_with_its_sentencepiece_tokenizer_converts_and_quantizes(tmp_path):
 
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory, smol_tokenizer_dir) -> dict[tuple[str, str], Path]:
-    from family_matrix import CELLS
     from tiny_models import build_family_runs
 
     return build_family_runs(tmp_path_factory.mktemp("families"), CELLS, smol_tokenizer_dir)
 
 
-def _family_cells() -> list[tuple[str, str]]:
-    from family_matrix import CELLS
-
-    return CELLS
-
-
-@pytest.mark.parametrize("cell", _family_cells(), ids=lambda cell: "-".join(cell))
+@pytest.mark.parametrize("cell", CELLS, ids=lambda cell: "-".join(cell))
 def test_each_family_converts_or_is_refused_by_name(family_runs, cell, tmp_path):
     """llama.cpp's own converter writes the LM with the family's template embedded; llama.cpp then answers the
     held-out questions as PhiClip does. What it cannot convert is refused naming the LM and the reason, and nothing
     is left at the export's folder."""
-    from family_matrix import refusal
-
     run, out = family_runs[cell], tmp_path / "gguf"
     reason = refusal(cell, "gguf")
     if reason is not None:

@@ -7,14 +7,13 @@ PEFT onto transformers' Llava, the layout vLLM maps from), the refusals and the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_image
+from helpers import phiclip_logits, write_image
 from PIL import Image
 
 ATOL = 1e-4
@@ -72,18 +71,6 @@ def test_layout_names_and_unmerged_base(vllm_lora_export, tiny_run):
             assert torch.equal(f.get_tensor("model.language_model." + key), lm_state[key]), key
 
 
-def _phiclip_logits(chat, messages, image, adapter: bool) -> tuple[list[int], torch.Tensor]:
-    """PhiClip's prompt ids (``<image>`` expanded as the Llava checkpoint has it) and its logits."""
-    ids = chat.prompt_ids(messages, n_images=int(image is not None))
-    inputs = {"input_ids": torch.tensor([ids])}
-    if image is not None:
-        inputs["pixel_values"] = chat.processor.image_pixels([image])
-    with torch.no_grad(), (contextlib.nullcontext() if adapter else chat.model.adapter_disabled()):
-        logits = chat.model(**inputs).logits[0]
-    token = chat.processor.image_token_id
-    return [t for i in ids for t in [i] * (chat.n_image_tokens if i == token else 1)], logits
-
-
 def test_routes_on_transformers_match_phiclip(vllm_lora_export, tiny_run, tmp_path):
     """The folder loads as Llava (text route) and, with PEFT, as Llava + adapter (image route), equal to PhiClip."""
     from peft import PeftModel
@@ -111,9 +98,9 @@ def test_routes_on_transformers_match_phiclip(vllm_lora_export, tiny_run, tmp_pa
     assert lora_modules and all(".language_model." in n for n in lora_modules), lora_modules[:3]
     image_ids, image_logits = llava_logits(routed, image_content, image)
 
-    want_text_ids, want_text = _phiclip_logits(chat, [{"role": "user", "content": "Say hello."}], None, adapter=False)
-    want_image_ids, want_image = _phiclip_logits(chat, [{"role": "user", "content": "Is it bright?"}], image, True)
-    _, phiclip_image_base = _phiclip_logits(chat, [{"role": "user", "content": "Is it bright?"}], image, False)
+    want_text_ids, want_text = phiclip_logits(chat, [{"role": "user", "content": "Say hello."}], None, adapter=False)
+    want_image_ids, want_image = phiclip_logits(chat, [{"role": "user", "content": "Is it bright?"}], image, True)
+    _, phiclip_image_base = phiclip_logits(chat, [{"role": "user", "content": "Is it bright?"}], image, False)
     assert text_ids == want_text_ids and image_ids == want_image_ids
     vocab = want_text.shape[-1]  # the export gives <image> a vocabulary row of its own
     assert (text_logits[:, :vocab] - want_text).abs().max() < ATOL
